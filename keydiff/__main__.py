@@ -1,0 +1,5 @@
+"""``python -m keydiff``."""
+
+from keydiff.cli import entry_point
+
+entry_point()

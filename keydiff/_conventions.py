@@ -1,0 +1,137 @@
+"""Naming conventions across timm, transformers, torchvision, open_clip and original research repos.
+
+These are facts about how libraries name the same parts, gathered once and used as evidence by the matcher: a
+token's canonical form (``layernorm_before``, ``ln_1`` and ``norm1`` are all ``norm1``), tokens that say nothing
+(``model``, ``encoder``), tokens that carry a repeat index (``encoder_layer_3``, ``blocks3``), and the parts that one
+library keeps separate and another fuses (q/k/v into qkv). Nothing here names a model or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "BLOCK_STEMS",
+    "FUSIONS",
+    "LEAVES",
+    "NOISE",
+    "canonical_token",
+    "split_leaf",
+]
+
+# Tokens that carry a repeat index when digits are glued to them (``encoder_layer_3``, ``layer1``, ``blocks3``).
+BLOCK_STEMS = frozenset(
+    "layer layers block blocks stage stages encoder_layer decoder_layer resblock resblocks level levels res "
+    "cell cells group groups stack stacks expert experts".split()
+)
+
+# Tokens that only say where a module sits, not what it is; they are left out of name similarity.
+NOISE = frozenset(
+    "model module models encoder decoder backbone transformer embeddings embedding vision_model visual trunk net "
+    "base_model features body _orig_mod".split()
+)
+
+# Parameter names, canonical: TF-style gamma/beta and layer-scale gamma mean weight/bias.
+LEAVES = {
+    "weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bias", "scale": "weight",
+    "running_mean": "running_mean", "running_var": "running_var", "num_batches_tracked": "num_batches_tracked",
+    "moving_mean": "running_mean", "moving_variance": "running_var", "weight_g": "weight_g",
+    "weight_v": "weight_v", "kernel": "weight",
+}
+
+_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "block": ("layers", "layer", "blocks", "resblocks", "resblock", "h", "encoder_layer", "encoder_layers"),
+    "stage": ("stages", "stage", "levels", "level"),
+    "attn": ("attention", "attn", "self_attn", "self_attention", "selfattention", "mha", "msa", "attn_block"),
+    "qkv": ("qkv", "in_proj", "c_attn", "query_key_value", "wqkv", "qkv_proj", "to_qkv"),
+    "q": ("q", "q_proj", "query", "wq", "q_lin", "to_q"),
+    "k": ("k", "k_proj", "key", "wk", "k_lin", "to_k"),
+    "v": ("v", "v_proj", "value", "wv", "v_lin", "to_v"),
+    "out": ("o_proj", "out_proj", "wo", "o", "out", "to_out", "out_lin", "proj_out"),
+    "norm1": ("layernorm_before", "input_layernorm", "attention_norm", "pre_attention_layernorm", "attn_norm",
+              "norm_1", "ln_1", "layer_norm1", "ln1"),
+    "norm2": ("layernorm_after", "post_attention_layernorm", "ffn_norm", "mlp_norm", "norm_2", "ln_2",
+              "layer_norm2", "ln2"),
+    "norm": ("norm", "ln", "layernorm", "layer_norm", "ln_f", "final_layernorm", "norm_f", "ln_post",
+             "post_layernorm", "fc_norm", "normalization", "bn", "batchnorm", "batch_norm", "norm_layer"),
+    "norm_pre": ("ln_pre", "norm_pre", "pre_layernorm", "pre_layrnorm"),
+    "mlp": ("mlp", "ffn", "feed_forward", "feedforward", "ff", "mlp_block"),
+    "fc1": ("fc1", "c_fc", "lin1", "fc_1"),
+    "fc2": ("fc2", "lin2", "fc_2"),
+    "gate": ("gate_proj", "w1", "gate"),
+    "up": ("up_proj", "w3", "up"),
+    "down": ("down_proj", "w2", "down"),
+    "cls_token": ("cls_token", "class_token", "class_embedding", "cls_embedding", "cls_emb"),
+    "dist_token": ("dist_token", "distillation_token"),
+    "reg_token": ("reg_token", "register_tokens", "registers"),
+    "mask_token": ("mask_token",),
+    "pos_embed": ("pos_embed", "position_embeddings", "position_embedding", "pos_embedding", "positional_embedding",
+                  "absolute_pos_embed", "pos_emb", "wpe"),
+    "patch_embed": ("patch_embed", "patch_embeddings", "patch_embedding", "conv_proj", "to_patch_embedding"),
+    "tok_embed": ("embed_tokens", "wte", "tok_embeddings", "word_embeddings", "token_embedding"),
+    "proj": ("proj", "projection"),
+    "conv": ("conv", "convolution"),
+    "ls": ("ls", "layer_scale", "layerscale", "ls_"),
+    "ls1": ("ls1", "gamma_1", "layer_scale1", "lambda_1", "layer_scale_1"),
+    "ls2": ("ls2", "gamma_2", "layer_scale2", "lambda_2", "layer_scale_2"),
+    "downsample": ("downsample", "shortcut", "downsample_layers", "skip"),
+    "head": ("head", "heads", "classifier", "lm_head", "fc_head"),
+    "stem": ("stem", "embedder", "conv_stem"),
+    "pool": ("pooler", "pool", "attn_pool"),
+}
+_CANON = {alias: canon for canon, aliases in _SYNONYMS.items() for alias in aliases}
+
+# A token's meaning can depend on its parent: ``c_proj`` is the MLP's second layer under ``mlp`` and the output
+# projection under ``attn``; ``proj`` under ``attn`` is the output projection.
+_IN_CONTEXT = {
+    ("mlp", "c_proj"): "fc2", ("mlp", "dense"): "fc2", ("mlp", "proj"): "fc2", ("mlp", "out"): "fc2",
+    ("attn", "c_proj"): "out", ("attn", "proj"): "out", ("attn", "dense"): "out", ("attn", "output"): "out",
+    ("intermediate", "dense"): "fc1", ("output", "dense"): "fc2",
+}
+
+# Separate tensors that another library fuses along dim 0, in the order the fused tensor holds them.
+FUSIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qkv", ("q", "k", "v")),
+    ("kv", ("k", "v")),
+    ("gate_up", ("gate", "up")),
+)
+
+_NUMBERED = re.compile(r"([a-z][a-z_]*?)_?(\d+)")
+_LEAF_SUFFIX = re.compile(r"(.+)_(weight|bias)")
+
+
+def canonical_token(token: str, parent: str = "") -> str:
+    """The canonical form of one key token, given the canonical form of its parent token.
+
+    Example:
+        >>> canonical_token("layernorm_before"), canonical_token("ln_2"), canonical_token("c_proj", "mlp")
+        ('norm1', 'norm2', 'fc2')
+    """
+    low = token.lower()
+    if (parent, low) in _IN_CONTEXT:
+        return _IN_CONTEXT[parent, low]
+    if low in _CANON:
+        return _CANON[low]
+    m = _NUMBERED.fullmatch(low)
+    if m and m.group(1) in _CANON:
+        return _CANON[m.group(1)] + m.group(2)
+    return low
+
+
+def split_leaf(key: str) -> tuple[str, str]:
+    """Split a key into its module path and canonical parameter name.
+
+    A bare parameter (``cls_token``, ``ls1``, ``layer_scale``) is a module of its own whose one parameter is a
+    weight; ``in_proj_weight`` is the weight of ``in_proj``.
+
+    Example:
+        >>> split_leaf("blocks.0.attn.qkv.bias"), split_leaf("attn.in_proj_weight"), split_leaf("cls_token")
+        (('blocks.0.attn.qkv', 'bias'), ('attn.in_proj', 'weight'), ('cls_token', 'weight'))
+    """
+    head, _, last = key.rpartition(".")
+    if last in LEAVES and head:
+        return head, LEAVES[last]
+    m = _LEAF_SUFFIX.fullmatch(last)
+    if m:
+        return (f"{head}.{m.group(1)}" if head else m.group(1)), m.group(2)
+    return key, "weight"

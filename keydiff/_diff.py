@@ -1,0 +1,371 @@
+"""``diff()``: read both sides, unwrap, match exactly, cluster, match the rest, and return a frozen ``Diff``.
+
+The engine never prints or logs; a ``Diff`` renders itself (rich in a terminal, HTML in Jupyter) and exports
+frames, JSON and converted checkpoints on demand.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from keydiff._diagnose import Diagnosis, diagnose
+from keydiff._keys import KeySet, natural_key
+from keydiff._mapping import Entry, Evidence, KeyMap, Leftover, Unwrap, compress_rules
+from keydiff._match import Pairing, match_units, name_similarity, shape_relation
+from keydiff._model import keyset_of, read_model
+from keydiff._normalize import Prefix, find_prefix
+from keydiff._ops import Op
+from keydiff._patterns import Cluster, Unit, _template, build_clusters, build_units, structural_order
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from rich.console import Console, ConsoleOptions, RenderResult
+
+__all__ = ["DEFAULT_MIN_CONFIDENCE", "Diff", "diff"]
+
+DEFAULT_MIN_CONFIDENCE = 0.5
+"""Proposals below this confidence are reported but not applied."""
+
+
+class _InMemory:
+    """Tensors already in memory, behind the same lazy interface as a checkpoint file."""
+
+    def __init__(self, tensors: Mapping[str, Any]) -> None:
+        self._tensors = tensors
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def tensors(self, keys: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((k, self._tensors[k]) for k in keys)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Diff:
+    """The result of comparing a model's keys with a checkpoint's: facts, a mapping, and the causes.
+
+    Example:
+        >>> import torch
+        >>> d = diff({"blocks.0.w": torch.zeros(2)}, {"module.blocks.0.w": torch.ones(2)})
+        >>> d.ok, d.mapping.unwrap.strip_prefix
+        (True, 'module.')
+    """
+
+    model: KeySet
+    """The model's keys."""
+    checkpoint: KeySet
+    """The checkpoint's keys, as stored."""
+    mapping: KeyMap
+    """The applied mapping: entries at or above ``min_confidence``."""
+    proposals: tuple[Entry, ...]
+    """Every proposed entry, applied or not (below ``min_confidence``)."""
+    diagnoses: tuple[Diagnosis, ...]
+    """Causes in plain words."""
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    """The threshold used."""
+    checkpoint_format: str = ""
+    """How the checkpoint was stored (``safetensors``, ``torch-zip``...)."""
+    source: Any = field(default=None, repr=False, compare=False)
+    """Loads the checkpoint's tensors lazily."""
+
+    @property
+    def ok(self) -> bool:
+        """True when every model key is filled (the CLI's exit 0)."""
+        return self.mapping.complete
+
+    @property
+    def exact(self) -> int:
+        """Model keys filled by the same name (after unwrapping)."""
+        return sum(e.evidence.method in ("exact", "prefix") for e in self.mapping.entries)
+
+    @property
+    def clusters(self) -> ClusterTable:
+        """Clusters of both sides with their status and counterpart."""
+        return _cluster_table(self)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Load one checkpoint tensor (by its stored name)."""
+        return self.source.tensor(key)
+
+    def apply(self, *, partial: bool = False) -> dict[str, torch.Tensor]:
+        """The converted state dict, ready for ``model.load_state_dict(sd, strict=True)``.
+
+        Raises:
+            MappingMismatch: some model keys are unresolved and ``partial`` is False.
+        """
+        from keydiff._errors import MappingMismatch
+
+        if not self.ok and not partial:
+            raise MappingMismatch(
+                f"{len(self.mapping.missing)} model keys are unresolved; apply(partial=True) converts the rest"
+            )
+        needed = sorted({k for e in self.mapping.entries for k in e.source}, key=natural_key)
+        return self.mapping.apply(dict(self.source.tensors(needed)))
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per key of both sides: ``side, key, shape, status, counterpart, op, confidence, cluster``."""
+        from keydiff._render import _frame
+
+        return _frame.diff_frame(self)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from keydiff._render import _rich
+
+        yield from _rich.render_diff(self)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        from keydiff._render import _rich
+
+        return _rich.mimebundle(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterRow:
+    """One cluster of one side."""
+
+    side: str
+    label: str
+    keys: int
+    status: str
+    counterpart: str
+    confidence: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterTable:
+    """Clusters of both sides: what each became."""
+
+    rows: tuple[ClusterRow, ...]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per cluster: ``side, cluster, keys, status, counterpart, confidence``."""
+        import pandas as pd
+
+        return pd.DataFrame([(r.side, r.label, r.keys, r.status, r.counterpart, r.confidence) for r in self.rows],
+                            columns=["side", "cluster", "keys", "status", "counterpart", "confidence"])
+
+    def _repr_html_(self) -> str:
+        return self.to_frame()._repr_html_()
+
+
+def _cluster_table(d: Diff) -> ClusterTable:
+    by_target = {e.target: e for e in d.mapping.entries}
+    by_source = {k: e for e in d.mapping.entries for k in e.source}
+    rows = []
+    for side, keys, lookup in (("model", d.model, by_target), ("checkpoint", d.checkpoint, by_source)):
+        for c in build_clusters(build_units(keys, keys)):
+            found = [lookup.get(k) for u in c.units for k in u.keys]
+            hits = [e for e in found if e is not None]
+            methods = {e.evidence.method for e in hits}
+            status = ("unresolved" if side == "model" else "unused") if not hits else (
+                "exact" if methods <= {"exact", "prefix"} else "mapped")
+            if hits and len(hits) < len(found):
+                status = "partial"
+            other = sorted({k for e in hits for k in ((e.source if side == "model" else (e.target,)))},
+                           key=natural_key)
+            counterpart = _summarise(other)
+            conf = min((e.confidence for e in hits), default=None)
+            rows.append(ClusterRow(side, c.label, len(found), status, counterpart, conf))
+    return ClusterTable(tuple(rows))
+
+
+def _summarise(keys: list[str]) -> str:
+    if not keys:
+        return ""
+    groups: dict[str, list[tuple[int, ...]]] = {}
+    for k in keys:
+        tpl, ix = _template(k)
+        groups.setdefault(tpl, []).append(ix)
+    from keydiff._patterns import fill_template
+
+    return ", ".join(fill_template(t, ix) for t, ix in groups.items())
+
+
+# ------------------------------------------------------------------------------------------------ the engine
+
+def _model_side(model: Any, model_args: Mapping[str, Any], unsafe_pickle: bool) -> KeySet:
+    if isinstance(model, KeySet):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        from keydiff._sources import is_checkpoint_path, read_checkpoint
+
+        spec = os.fspath(model)
+        if is_checkpoint_path(spec):
+            ks = read_checkpoint(spec, unsafe_pickle=unsafe_pickle).keys
+            return ks if ks.order_is_evidence else _reorder(ks)
+        return read_model(spec, model_args)
+    return keyset_of(model, origin=type(model).__name__)
+
+
+def _reorder(ks: KeySet) -> KeySet:
+    return KeySet.from_items(((k, ks[k]) for k in structural_order(ks)), origin=ks.origin, order_is_evidence=False)
+
+
+def diff(model: Any, checkpoint: Any, *, key: str | None = None, unsafe_pickle: bool = False,
+         min_confidence: float = DEFAULT_MIN_CONFIDENCE, **model_args: Any) -> Diff:
+    """Compare a model's keys with a checkpoint's and propose a mapping.
+
+    Args:
+        model: a timm model name, ``package.module:callable``, a checkpoint path (checkpoint vs checkpoint), an
+            ``nn.Module``, a state dict, or a ``KeySet``.
+        checkpoint: a checkpoint path (safetensors, sharded, PyTorch) or a state dict.
+        key: which tensor dict inside a training checkpoint to use (``model_ema``); default: chosen and reported.
+        unsafe_pickle: allow pickled code (only for files you trust).
+        min_confidence: proposals below this are reported but not applied.
+        **model_args: keyword arguments for ``timm.create_model`` or the callable.
+
+    Returns:
+        A ``Diff``; ``diff.ok`` tells whether every model key is filled.
+
+    Raises:
+        InputError: an input cannot be read (see ``keydiff.InputError``'s subclasses).
+    """
+    model_keys = _model_side(model, model_args, unsafe_pickle)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        from keydiff._sources import read_checkpoint
+
+        ckpt = read_checkpoint(checkpoint, key=key, unsafe_pickle=unsafe_pickle)
+        facts = dict(container=ckpt.container, alternatives=ckpt.alternatives, non_tensor=ckpt.non_tensor_keys)
+        return compare_keys(model_keys, ckpt.keys, source=ckpt, min_confidence=min_confidence,
+                            checkpoint_format=ckpt.fmt, **facts)
+    tensors = checkpoint.state_dict() if hasattr(checkpoint, "state_dict") else checkpoint
+    return compare_keys(model_keys, keyset_of(tensors, origin="state dict"), source=_InMemory(tensors),
+                        min_confidence=min_confidence, checkpoint_format="memory")
+
+
+def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
+                 min_confidence: float = DEFAULT_MIN_CONFIDENCE, container: str = "",
+                 alternatives: tuple[str, ...] = (), non_tensor: tuple[str, ...] = (),
+                 checkpoint_format: str = "") -> Diff:
+    """The engine: compare two key sets; no file is read."""
+    prefix = find_prefix(list(checkpoint), model.keys(), checkpoint.origin)
+    to_model = {raw: prefix.apply(raw) for raw in checkpoint}
+    to_raw = {n: raw for raw, n in to_model.items()}
+    entries: list[Entry] = []
+    mismatched: dict[str, tuple[int, ...]] = {}
+    method = "prefix" if prefix.strip or prefix.add else "exact"
+    for k, info in model.items():
+        raw = to_raw.get(k)
+        if raw is None:
+            continue
+        have = checkpoint[raw]
+        rel = shape_relation(have.shape, info.shape)
+        if rel in ("same", "reshape") and have.dtype.startswith("int") == info.dtype.startswith("int"):
+            op = Op(kind="rename" if rel == "same" else "reshape")
+            entries.append(Entry(source=(raw,), target=k, op=op, confidence=1.0 if rel == "same" else 0.95,
+                                 evidence=Evidence(method=method if raw != k else "exact", shape=rel),
+                                 source_shapes=(have.shape,), target_shape=info.shape))
+        else:
+            mismatched[k] = have.shape
+    filled = {e.target for e in entries}
+    used = {e.source[0] for e in entries}
+    norm_keys = KeySet.from_items(((to_model[r], checkpoint[r]) for r in checkpoint), origin=checkpoint.origin,
+                                  order_is_evidence=checkpoint.order_is_evidence)
+    order = list(norm_keys) if checkpoint.order_is_evidence else structural_order(norm_keys)
+    src_units = build_units(norm_keys, (to_model[r] for r in checkpoint if r not in used), order=order)
+    dst_units = build_units(model, (k for k in model if k not in filled))
+    pairings, _, _, notes = match_units(src_units, dst_units, file_order=checkpoint.order_is_evidence)
+    for p in pairings:
+        entries.extend(_entries(p, to_raw))
+    order_of = {k: i for i, k in enumerate(model)}
+    entries.sort(key=lambda e: order_of[e.target])
+    applied = tuple(e for e in entries if e.confidence >= min_confidence)
+    mapping = _keymap(model, checkpoint, applied, entries, mismatched, prefix, container, min_confidence)
+    diagnoses = diagnose(model, checkpoint, mapping, prefix, container=container, alternatives=alternatives,
+                         non_tensor=non_tensor, notes=notes)
+    return Diff(model=model, checkpoint=checkpoint, mapping=mapping, proposals=tuple(entries), diagnoses=diagnoses,
+                min_confidence=min_confidence, checkpoint_format=checkpoint_format, source=source)
+
+
+def _entries(p: Pairing, to_raw: Mapping[str, str]) -> list[Entry]:
+    out = []
+    for i, (sl, tl) in enumerate(zip(p.source.leaves, p.target.leaves, strict=True)):
+        ev = dict(method=p.method, name_score=p.name_score, cluster=p.cluster, note=p.note)
+        if p.target.parts:
+            sizes = tuple(part.leaves[i].shape[0] for part in p.target.parts)
+            for j, part in enumerate(p.target.parts):
+                pl = part.leaves[i]
+                out.append(Entry(source=(to_raw[sl.keys[0]],), target=pl.keys[0],
+                                 op=Op(kind="split", dim=0, index=j, sizes=sizes), confidence=p.confidence,
+                                 evidence=Evidence(shape="split", **ev), source_shapes=(sl.shape,),
+                                 target_shape=pl.shape))
+        elif p.source.parts:
+            shapes = tuple(part.leaves[i].shape for part in p.source.parts)
+            out.append(Entry(source=tuple(to_raw[k] for k in sl.keys), target=tl.keys[0],
+                             op=Op(kind="concat", dim=0, sizes=tuple(s[0] for s in shapes)),
+                             confidence=p.confidence, evidence=Evidence(shape="fused", **ev), source_shapes=shapes,
+                             target_shape=tl.shape))
+        else:
+            rel = shape_relation(sl.shape, tl.shape) or "same"
+            kind = {"same": "rename"}.get(rel, rel)
+            out.append(Entry(source=(to_raw[sl.keys[0]],), target=tl.keys[0], op=Op(kind=kind),
+                             confidence=p.confidence * (0.8 if rel == "transpose" else 1.0),
+                             evidence=Evidence(shape=rel, **ev), source_shapes=(sl.shape,), target_shape=tl.shape))
+    return out
+
+
+def _keymap(model: KeySet, checkpoint: KeySet, applied: tuple[Entry, ...], proposed: list[Entry],
+            mismatched: Mapping[str, tuple[int, ...]], prefix: Prefix, container: str,
+            min_confidence: float) -> KeyMap:
+    filled = {e.target for e in applied}
+    used = {k for e in applied for k in e.source}
+    weak = {e.target: e for e in proposed if e.confidence < min_confidence}
+    weak_src = {k: e for e in weak.values() for k in e.source}
+    missing_keys = [k for k in model if k not in filled]
+    unused_keys = [k for k in checkpoint if k not in used]
+    missing = []
+    for k in missing_keys:
+        shape = model[k].shape
+        cands = _candidates(k, shape, unused_keys, checkpoint, prefix)
+        if k in weak:
+            e = weak[k]
+            reason = (f"proposed {', '.join(e.source)} with confidence {e.confidence:.2f}, below "
+                      f"--min-confidence {min_confidence}")
+        elif k in mismatched:
+            reason = f"the checkpoint has this name with shape {list(mismatched[k])}, the model wants {list(shape)}"
+        elif sum(c[1] for c in cands) >= 2:
+            reason = f"ambiguous: {sum(c[1] for c in cands)} unused checkpoint tensors fit and names do not decide"
+        elif any(c[1] for c in cands):
+            reason = "a checkpoint tensor fits by shape but nothing else supports the pairing"
+        else:
+            reason = "no unused checkpoint tensor has a compatible shape"
+        missing.append(Leftover(key=k, shape=shape, reason=reason, candidates=tuple(c[0] for c in cands)))
+    unused = []
+    for k in unused_keys:
+        shape = checkpoint[k].shape
+        name = prefix.apply(k)
+        if k in weak_src:
+            reason = f"proposed for {weak_src[k].target} with confidence {weak_src[k].confidence:.2f}, not applied"
+        elif name in model:
+            reason = f"the model's {name} has shape {list(model[name].shape)}, this has {list(shape)}"
+        elif not any(shape_relation(shape, model[m].shape) for m in missing_keys[:5000]):
+            reason = "no counterpart in the model: no model key left with a compatible shape"
+        else:
+            reason = "no counterpart in the model that names, shapes and order agree on"
+        unused.append(Leftover(key=k, shape=shape, reason=reason))
+    unwrap = Unwrap(container=container, strip_prefix=prefix.strip, add_prefix=prefix.add)
+    return KeyMap(entries=applied, rules=compress_rules(applied), missing=tuple(missing), unused=tuple(unused),
+                  unwrap=unwrap, model=model.origin, checkpoint=checkpoint.origin)
+
+
+def _candidates(key: str, shape: tuple[int, ...], unused: list[str], checkpoint: KeySet,
+                prefix: Prefix) -> list[tuple[str, bool]]:
+    """Up to three nearest unused checkpoint keys: shape-compatible first, then by name."""
+    if not unused:
+        return []
+    pool = unused if len(unused) <= 2000 else [k for k in unused if checkpoint[k].shape == shape][:2000]
+    tpl = _template(key.rpartition(".")[0] or key)[0]
+    scored = []
+    for k in pool:
+        fits = shape_relation(checkpoint[k].shape, shape) is not None
+        scored.append((not fits, -name_similarity(tpl, _template(prefix.apply(k).rpartition(".")[0] or k)[0]),
+                       natural_key(k), k, fits))
+    scored.sort()
+    return [(k, fits) for *_, k, fits in scored[:3]]
+
+
+__all__ += ["ClusterRow", "ClusterTable", "Cluster", "Unit"]

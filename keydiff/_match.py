@@ -1,0 +1,415 @@
+"""Matching: pair the checkpoint's unmatched units with the model's, as whole clusters first, then by order.
+
+1. Fusion. Separate q/k/v units become one virtual ``qkv`` unit when the other side keeps them fused (and the
+   reverse, for a split); the order of the parts comes from the names, never from the file.
+2. Clusters. Every compatible pair of clusters (same number of members, same grouping, every member's tensors
+   shape-compatible) gets a score from canonical names and shapes; one global assignment picks the pairs. A pair
+   whose runner-up scores within ``AMBIGUITY_MARGIN`` is not trusted and is left to the next step.
+3. Order. What is left is aligned as two sequences (the checkpoint's structural order against the model's
+   registration order) by dynamic programming over shape-compatible units.
+4. Uniqueness. A leftover unit with exactly one compatible partner, which has no other, is paired.
+
+Compatibility is a hard constraint: nothing is paired whose tensors cannot become each other.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+from rapidfuzz import fuzz
+
+from keydiff._conventions import FUSIONS
+from keydiff._patterns import SLOT, Cluster, Leaf, Unit, build_clusters, name_tokens
+
+__all__ = ["AMBIGUITY_MARGIN", "Pairing", "match_units", "name_similarity", "shape_relation"]
+
+AMBIGUITY_MARGIN = 0.08
+"""A cluster pair is trusted only if no other compatible pair comes this close to its score."""
+MIN_CLUSTER_SCORE = 0.3
+"""Below this a cluster pair is not taken on names and shapes alone."""
+STRONG_NAME = 0.75
+"""A cluster pair with rivals of the same shape is taken on names only from this name score up."""
+MAX_ORDER_CELLS = 4_000_000
+"""Largest alignment table the order step builds (units x units)."""
+
+_SHAPE_QUALITY = {"same": 1.0, "reshape": 0.9, "transpose": 0.6}
+
+
+@dataclass(frozen=True, slots=True)
+class Pairing:
+    """A checkpoint unit paired with a model unit, and why."""
+
+    source: Unit
+    target: Unit
+    method: str
+    """``cluster``, ``order`` or ``unique``."""
+    confidence: float
+    name_score: float
+    cluster: str = ""
+    note: str = ""
+
+
+def shape_relation(src: Sequence[int], dst: Sequence[int]) -> str | None:
+    """How a tensor of shape ``src`` can become one of shape ``dst``, or None.
+
+    Example:
+        >>> shape_relation((64,), (1, 1, 64)), shape_relation((8, 4), (4, 8)), shape_relation((8, 4), (32,))
+        ('reshape', 'transpose', None)
+    """
+    src, dst = tuple(src), tuple(dst)
+    if src == dst:
+        return "same"
+    if _numel(src) != _numel(dst):
+        return None
+    if tuple(d for d in src if d != 1) == tuple(d for d in dst if d != 1):
+        return "reshape"
+    if len(src) == len(dst) == 2 and src == dst[::-1]:
+        return "transpose"
+    if src and dst and src[0] == dst[0] and len(src) != len(dst) and min(len(src), len(dst)) >= 2:
+        return "reshape"  # a flattened kernel: conv [O, C, k, k] <-> linear [O, C*k*k]
+    return None
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def unit_relation(src: Unit, dst: Unit) -> float | None:
+    """Quality (0-1) of turning ``src``'s tensors into ``dst``'s, or None when they cannot be."""
+    if src.signature != dst.signature:
+        return None
+    quality = 1.0
+    for a, b in zip(src.leaves, dst.leaves, strict=True):
+        rel = shape_relation(a.shape, b.shape)
+        if rel is None or a.dtype.startswith("int") != b.dtype.startswith("int"):
+            return None
+        quality = min(quality, _SHAPE_QUALITY[rel])
+    return quality
+
+
+def _token_similarity(a: str, b: str) -> float:
+    if a == b:
+        return 1.0
+    sa, sb = a.rstrip("0123456789"), b.rstrip("0123456789")
+    if sa == sb:
+        # the same kind of part, another instance (norm1 vs norm2) or an unnumbered one (norm vs norm1)
+        return 0.5 if a != sa and b != sb else 0.7
+    return 0.6 * fuzz.ratio(a, b) / 100
+
+
+def _anonymous(template: str) -> bool:
+    """True when the last token is a bare index (``mlp.0``): the part is named by position only."""
+    last = template.rpartition(".")[2].replace(SLOT, "")
+    return not last or last.isdigit()
+
+
+@lru_cache(maxsize=65536)
+def name_similarity(a: str, b: str) -> float:
+    """Similarity (0-1) of two templates' canonical names; the last token (what the part is) weighs most.
+
+    A last token that is a bare index counts as unknown (0.5). The rest is compared as sets (Jaccard), so a
+    distinctive shared token (``downsample``) counts and an unshared one costs.
+
+    Example:
+        >>> name_similarity("layers.{}.layernorm_before", "blocks.{}.norm1")
+        1.0
+    """
+    ta, tb = name_tokens(a), name_tokens(b)
+    if not ta or not tb:
+        return 0.3 if not ta and not tb else 0.1
+    if _anonymous(a) or _anonymous(b):
+        last, ca, cb = 0.5, set(ta), set(tb)
+    else:
+        last, ca, cb = _token_similarity(ta[-1], tb[-1]), set(ta[:-1]), set(tb[:-1])
+    context = len(ca & cb) / len(ca | cb) if ca or cb else 1.0
+    return round(0.65 * last + 0.35 * context, 4)
+
+
+# ----------------------------------------------------------------------------------------------------- fusion
+
+def _last_token(unit: Unit) -> str:
+    tokens = name_tokens(unit.template)
+    return tokens[-1] if tokens else ""
+
+
+def _fuse(units: list[Unit], fused: str, parts: tuple[str, ...]) -> list[Unit]:
+    """Replace each complete set of sibling part units (q, k, v) by one virtual unit that concatenates them."""
+    by_parent: dict[str, dict[str, Unit]] = defaultdict(dict)
+    for u in units:
+        last = _last_token(u)
+        if last in parts:
+            by_parent[u.path.rpartition(".")[0]][last] = u
+    consumed: set[str] = set()
+    virtual: list[Unit] = []
+    for parent, found in by_parent.items():
+        if set(found) != set(parts):
+            continue
+        members = [found[p] for p in parts]
+        names = {tuple(lf.name for lf in m.leaves) for m in members}
+        trailing = {tuple(lf.shape[1:] for lf in m.leaves) for m in members}
+        if len(names) != 1 or len(trailing) != 1 or any(not lf.shape for m in members for lf in m.leaves):
+            continue
+        leaves = tuple(
+            Leaf(lf.name, tuple(m.leaves[i].keys[0] for m in members),
+                 (sum(m.leaves[i].shape[0] for m in members), *lf.shape[1:]), lf.dtype)
+            for i, lf in enumerate(members[0].leaves)
+        )
+        tpl = members[0].template.rpartition(".")[0] + "." + fused
+        path = f"{parent}.{{{','.join(m.path.rpartition('.')[2] for m in members)}}}"
+        virtual.append(Unit(path=path, leaves=leaves, template=tpl, indices=members[0].indices,
+                            position=min(m.position for m in members), parts=tuple(members)))
+        consumed.update(m.path for m in members)
+    kept = [u for u in units if u.path not in consumed]
+    return sorted(kept + virtual, key=lambda u: u.position)
+
+
+def apply_fusions(src: list[Unit], dst: list[Unit]) -> tuple[list[Unit], list[Unit]]:
+    """Fuse separate parts on whichever side keeps them separate while the other side keeps them fused."""
+    for fused, parts in FUSIONS:
+        src_last = {_last_token(u) for u in src}
+        dst_last = {_last_token(u) for u in dst}
+        wanted = set(parts)
+        if fused in dst_last and fused not in src_last and wanted <= src_last and not wanted & dst_last:
+            src = _fuse(src, fused, parts)
+        elif fused in src_last and fused not in dst_last and wanted <= dst_last and not wanted & src_last:
+            dst = _fuse(dst, fused, parts)
+    return src, dst
+
+
+# --------------------------------------------------------------------------------------------------- clusters
+
+def _grouping(cluster: Cluster) -> tuple[int, ...]:
+    """Members per value of the first index: (1, 1, 2, 1) for a 4-stage net with depths 1, 1, 2, 1."""
+    counts: dict[int, int] = defaultdict(int)
+    for u in cluster.units:
+        counts[u.indices[0] if u.indices else 0] += 1
+    return tuple(counts[k] for k in sorted(counts))
+
+
+def _members(a: Cluster, b: Cluster) -> list[tuple[Unit, Unit]] | None:
+    """Member pairs of two clusters: in index order when they have as many members (and the same grouping),
+    by equal index values when one's index set holds the other's (a shallower or deeper variant); else None."""
+    if len(a.units) == len(b.units):
+        if a.template.count(SLOT) > 1 and b.template.count(SLOT) > 1 and _grouping(a) != _grouping(b):
+            return None
+        return list(zip(a.units, b.units, strict=True))
+    ia, ib = {u.indices: u for u in a.units}, {u.indices: u for u in b.units}
+    if a.template.count(SLOT) != b.template.count(SLOT) or not (ia.keys() <= ib.keys() or ib.keys() <= ia.keys()):
+        return None
+    return [(ia[ix], ib[ix]) for ix in sorted(ia.keys() & ib.keys())]
+
+
+def _cluster_quality(pairs: list[tuple[Unit, Unit]]) -> float | None:
+    quality = 1.0
+    for su, tu in pairs:
+        q = unit_relation(su, tu)
+        if q is None:
+            return None
+        quality = min(quality, q)
+    return quality
+
+
+def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> list[Pairing]:
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    if not src or not dst:
+        return []
+    by_sig: dict[tuple, list[int]] = defaultdict(list)
+    for j, c in enumerate(dst):
+        by_sig[c.units[0].signature].append(j)
+    score = np.full((len(src), len(dst)), -1.0)
+    names = np.zeros_like(score)
+    members: dict[tuple[int, int], list[tuple[Unit, Unit]]] = {}
+    for i, a in enumerate(src):
+        for j in by_sig.get(a.units[0].signature, ()):
+            pairs = _members(a, dst[j])
+            quality = _cluster_quality(pairs) if pairs else None
+            if quality is None:
+                continue
+            members[i, j] = pairs
+            names[i, j] = name_similarity(a.template, dst[j].template)
+            # a partial pair (shallower variant) needs its names to carry it
+            coverage = len(pairs) / max(len(a.units), len(dst[j].units))
+            score[i, j] = (0.75 * names[i, j] + 0.25 * quality) * (1.0 if coverage == 1 else 0.9)
+            if coverage < 1 and names[i, j] < STRONG_NAME:
+                score[i, j] = -1.0
+    rows, cols = linear_sum_assignment(np.where(score < 0, 0.0, score + 1.0), maximize=True)
+    pairings = []
+    for i, j in zip(rows, cols, strict=True):
+        s = score[i, j]
+        if s < 0:
+            continue
+        rivals = max(np.delete(score[i], j).max(initial=-1.0), np.delete(score[:, j], i).max(initial=-1.0))
+        unique = rivals < 0
+        if s < MIN_CLUSTER_SCORE or rivals >= s - AMBIGUITY_MARGIN or not (unique or names[i, j] >= STRONG_NAME):
+            continue  # not trusted on names and shapes: the order step decides, or it stays unresolved
+        confidence = min(0.99, 0.45 + 0.5 * names[i, j] + (0.05 if unique else 0.0))
+        label = f"{src[i].label} -> {dst[j].label}"
+        note = "the only shape-compatible pair" if unique and names[i, j] < 0.5 else ""
+        if len(src[i].units) != len(dst[j].units):
+            note = f"index sets differ: {len(src[i].units)} in the checkpoint, {len(dst[j].units)} in the model"
+        for su, tu in members[i, j]:
+            pairings.append(Pairing(su, tu, "cluster", confidence, float(names[i, j]), label, note))
+    return pairings
+
+
+# ------------------------------------------------------------------------------------------------------ order
+
+def _align(src: list[Unit], dst: list[Unit]) -> tuple[list[tuple[int, int, float]], dict[tuple[int, int], float]]:
+    """Best monotone alignment of two unit sequences; pairs must be compatible.
+
+    Returns:
+        ``(i, j, gain)`` for each aligned pair, and the gain of every compatible pair.
+    """
+    n, m = len(src), len(dst)
+    gain: dict[tuple[int, int], float] = {}
+    by_sig: dict[tuple, list[int]] = defaultdict(list)
+    for j, t in enumerate(dst):
+        by_sig[t.signature].append(j)
+    for i, s in enumerate(src):
+        for j in by_sig.get(s.signature, ()):
+            if unit_relation(s, dst[j]) is not None:
+                # the same index values are evidence too: block 3 goes to block 3 when nothing else decides
+                same_index = 0.2 if s.indices and s.indices == dst[j].indices else 0.0
+                gain[i, j] = name_similarity(s.template, dst[j].template) + same_index
+    # best[i][j]: best total aligning src[:i] with dst[:j]; each pair adds 1 plus half its name score
+    best = [[0.0] * (m + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        row, prev = best[i], best[i - 1]
+        for j in range(1, m + 1):
+            v = prev[j] if prev[j] >= row[j - 1] else row[j - 1]
+            g = gain.get((i - 1, j - 1))
+            if g is not None and prev[j - 1] + 1 + 0.5 * g > v:
+                v = prev[j - 1] + 1 + 0.5 * g
+            row[j] = v
+    out = []
+    i, j = n, m
+    while i and j:
+        g = gain.get((i - 1, j - 1))
+        if g is not None and abs(best[i][j] - (best[i - 1][j - 1] + 1 + 0.5 * g)) < 1e-9:
+            out.append((i - 1, j - 1, g))
+            i, j = i - 1, j - 1
+        elif best[i][j] == best[i - 1][j]:
+            i -= 1
+        else:
+            j -= 1
+    return out[::-1], gain
+
+
+def _order_is_evidence(a: Unit, b: Unit, file_order: bool) -> bool:
+    """Whether the relative order of two source units says anything: file order does; so does a numeric index
+    where their paths first differ (natural sort); an alphabetical sort of names does not."""
+    if file_order:
+        return True
+    for x, y in zip(a.path.split("."), b.path.split("."), strict=False):
+        if x != y:
+            return x.isdigit() and y.isdigit()
+    return False
+
+
+def _anchor_distance(unit: Unit, target: Unit, anchors: dict[str, list[int]]) -> int:
+    """How far ``target`` sits from the model-side partners of ``unit``'s already matched siblings."""
+    positions = anchors.get(unit.path.rpartition(".")[0], ())
+    return min((abs(p - target.position) for p in positions), default=0)
+
+
+def _undecided(src: list[Unit], dst: list[Unit], aligned: list[tuple[int, int, float]], gain: dict,
+               anchors: dict[str, list[int]], file_order: bool) -> set[int]:
+    """Aligned pairs whose swap with a nearby same-shaped pair no evidence rules out (positions in ``aligned``)."""
+    out: set[int] = set()
+    for a, (i, j, _) in enumerate(aligned):
+        for b in range(a + 1, min(a + 17, len(aligned))):
+            k, l, _ = aligned[b]
+            if src[i].signature != src[k].signature or (i, l) not in gain or (k, j) not in gain:
+                continue
+            if _order_is_evidence(src[i], src[k], file_order):
+                continue
+            kept, swapped = gain[i, j] + gain[k, l], gain[i, l] + gain[k, j]
+            if kept - swapped >= AMBIGUITY_MARGIN:
+                continue
+            near = _anchor_distance(src[i], dst[j], anchors) + _anchor_distance(src[k], dst[l], anchors)
+            far = _anchor_distance(src[i], dst[l], anchors) + _anchor_distance(src[k], dst[j], anchors)
+            if near < far:
+                continue
+            out.update((a, b))
+    return out
+
+
+def _unique_pairs(src: list[Unit], dst: list[Unit]) -> list[tuple[int, int]]:
+    fits = {i: [j for j, t in enumerate(dst) if unit_relation(s, t) is not None] for i, s in enumerate(src)}
+    back: dict[int, list[int]] = defaultdict(list)
+    for i, js in fits.items():
+        for j in js:
+            back[j].append(i)
+    return [(i, js[0]) for i, js in fits.items() if len(js) == 1 and len(back[js[0]]) == 1]
+
+
+def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
+                ) -> tuple[list[Pairing], list[Unit], list[Unit], list[str]]:
+    """Pair checkpoint units with model units.
+
+    Args:
+        src: the checkpoint's unmatched units, in its structural order.
+        dst: the model's unmatched units, in registration order.
+        file_order: whether ``src``'s order is the file's own (evidence) rather than a sort by name.
+
+    Returns:
+        ``(pairings, unpaired checkpoint units, unpaired model units, notes)``.
+    """
+    notes: list[str] = []
+    src, dst = apply_fusions(src, dst)
+    src_clusters, dst_clusters = build_clusters(src), build_clusters(dst)
+    pairings = _match_clusters(src_clusters, dst_clusters)
+    paired = {id(p.source) for p in pairings} | {id(p.target) for p in pairings}
+    left_src = [u for u in src if id(u) not in paired]
+    left_dst = [u for u in dst if id(u) not in paired]
+    if left_src and left_dst:
+        if len(left_src) * len(left_dst) <= MAX_ORDER_CELLS:
+            aligned, gain = _align(left_src, left_dst)
+            anchors: dict[str, list[int]] = defaultdict(list)
+            for p in pairings:
+                anchors[p.source.path.rpartition(".")[0]].append(p.target.position)
+            undecided = _undecided(left_src, left_dst, aligned, gain, anchors, file_order)
+            clean = len(aligned) == len(left_src) == len(left_dst)
+            for a, (i, j, g) in enumerate(aligned):
+                g = name_similarity(left_src[i].template, left_dst[j].template)
+                if a in undecided:
+                    confidence = 0.35
+                    note = "ambiguous: a same-shaped neighbour could take its place and nothing decides which"
+                else:
+                    confidence = min(0.9, 0.55 + 0.3 * g + (0.1 if clean else 0.0))
+                    note = "names differ; paired by position in the module structure and by shape"
+                pairings.append(Pairing(left_src[i], left_dst[j], "order", confidence, g, "", note))
+            taken_s, taken_d = {i for i, _, _ in aligned}, {j for _, j, _ in aligned}
+            left_src = [u for i, u in enumerate(left_src) if i not in taken_s]
+            left_dst = [u for j, u in enumerate(left_dst) if j not in taken_d]
+        else:
+            notes.append(f"{len(left_src)} x {len(left_dst)} unmatched units: too many to align by order")
+        for i, j in _unique_pairs(left_src, left_dst):
+            g = name_similarity(left_src[i].template, left_dst[j].template)
+            note = "the only shape-compatible pair left"
+            pairings.append(Pairing(left_src[i], left_dst[j], "unique", 0.5 + 0.3 * g, g, "", note))
+        taken = {id(p.source) for p in pairings} | {id(p.target) for p in pairings}
+        left_src = [u for u in left_src if id(u) not in taken]
+        left_dst = [u for u in left_dst if id(u) not in taken]
+    return pairings, left_src, left_dst, notes
+
+
+def expand(units: list[Unit]) -> list[Unit]:
+    """Virtual fused units back into their parts."""
+    out: list[Unit] = []
+    for u in units:
+        out.extend(u.parts or (u,))
+    return out
+
+
+def with_confidence(p: Pairing, confidence: float) -> Pairing:
+    """A pairing with another confidence."""
+    return replace(p, confidence=confidence)

@@ -1,0 +1,103 @@
+"""The model side: a timm name or a ``package.module:callable``, built on the meta device (nothing allocated,
+nothing downloaded), read as a ``KeySet`` of its state dict (persistent buffers included)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from keydiff._errors import ModelError, UsageError
+from keydiff._keys import KeySet, TensorInfo
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["keyset_of", "parse_model_args", "read_model"]
+
+
+def parse_model_args(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings; values are Python literals when they parse as one, else strings.
+
+    Example:
+        >>> parse_model_args(["num_classes=0", "act_layer=quick_gelu", "dims=(16, 32)", "eps=1e-5"])
+        {'num_classes': 0, 'act_layer': 'quick_gelu', 'dims': (16, 32), 'eps': 1e-05}
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UsageError(f"model argument {item!r} is not KEY=VALUE (for example -m num_classes=0)")
+        try:
+            out[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key] = value.strip()
+    return out
+
+
+def keyset_of(state: Mapping[str, Any] | nn.Module, origin: str = "") -> KeySet:
+    """A ``KeySet`` of a module's state dict or of a mapping of tensors, in its order."""
+    sd = state.state_dict() if hasattr(state, "state_dict") and callable(state.state_dict) else state
+    items = [
+        (k, TensorInfo(tuple(v.shape), str(v.dtype).removeprefix("torch.")))
+        for k, v in sd.items()
+        if hasattr(v, "shape") and hasattr(v, "dtype")
+    ]
+    return KeySet.from_items(items, origin=origin, order_is_evidence=True)
+
+
+def _build(factory: Any, kwargs: dict[str, Any], spec: str) -> nn.Module:
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return factory(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"cannot build {spec} with arguments {kwargs}: {exc}") from exc
+    except Exception:  # noqa: BLE001 - some init code does not run on the meta device; try the CPU
+        pass
+    try:
+        return factory(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's model code may raise anything
+        raise ModelError(f"cannot build {spec}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_model(spec: str, model_args: Mapping[str, Any] | None = None) -> KeySet:
+    """Build a model from its spec on the meta device and read its keys.
+
+    Args:
+        spec: a timm model name (``vit_base_patch16_224``) or ``package.module:callable`` returning an
+            ``nn.Module``.
+        model_args: keyword arguments for ``timm.create_model`` or the callable.
+
+    Raises:
+        ModelError: unknown name (close names are suggested), import failure, or the model fails to build.
+    """
+    kwargs = dict(model_args or {})
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ModelError(f"cannot import {spec}: {exc}") from exc
+        model = _build(factory, kwargs, spec)
+    else:
+        import timm
+
+        if not timm.is_model(spec):
+            raise ModelError(f"unknown timm model {spec!r}{_suggest(spec)}")
+        kwargs.setdefault("pretrained", False)
+        model = _build(lambda **kw: timm.create_model(spec, **kw), kwargs, spec)
+    if not hasattr(model, "state_dict"):
+        raise ModelError(f"{spec} returned {type(model).__name__}, not an nn.Module")
+    return keyset_of(model, origin=spec)
+
+
+def _suggest(name: str) -> str:
+    import timm
+    from rapidfuzz import process
+
+    close = [m for m, score, _ in process.extract(name, timm.list_models(), limit=3) if score >= 60]
+    return f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"

@@ -1,0 +1,87 @@
+"""Wrapper prefixes: ``module.`` (DataParallel), ``_orig_mod.`` (torch.compile), ``model.`` (Lightning) and others,
+found by what maximises exact matches rather than from a fixed list."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from keydiff._errors import CheckpointError
+
+__all__ = ["Prefix", "find_prefix"]
+
+_MAX_TOKENS = 3
+_CANDIDATES = 24
+_SAMPLE = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    """A rewrite of checkpoint keys: remove ``strip`` where present, then put ``add`` in front."""
+
+    strip: str = ""
+    add: str = ""
+    matches: int = 0
+    """Exact name matches with the rewrite."""
+    baseline: int = 0
+    """Exact name matches without it."""
+
+    def apply(self, key: str) -> str:
+        """The key as the model would name it."""
+        if self.strip and key.startswith(self.strip):
+            key = key[len(self.strip):]
+        elif self.strip:
+            return key
+        return self.add + key
+
+
+def _prefixes(keys: Sequence[str]) -> list[str]:
+    counts: Counter[str] = Counter()
+    for key in keys:
+        tokens = key.split(".")
+        for n in range(1, min(_MAX_TOKENS, len(tokens) - 1) + 1):
+            counts[".".join(tokens[:n]) + "."] += 1
+    return [p for p, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:_CANDIDATES]]
+
+
+def find_prefix(checkpoint_keys: Sequence[str], model_keys: Collection[str], path: str = "") -> Prefix:
+    """The prefix rewrite that makes the most checkpoint keys equal to model keys.
+
+    Raises:
+        CheckpointError: the rewrite would give two checkpoint tensors the same name.
+
+    Example:
+        >>> find_prefix(["module.a.w", "module.b.w"], {"a.w", "b.w"})
+        Prefix(strip='module.', add='', matches=2, baseline=0)
+    """
+    model = set(model_keys)
+    baseline = sum(k in model for k in checkpoint_keys)
+    if baseline == len(checkpoint_keys):
+        return Prefix(matches=baseline, baseline=baseline)
+    # score candidates on an evenly spread sample; only the winner is counted on every key
+    sample = list(checkpoint_keys)[:: max(1, len(checkpoint_keys) // _SAMPLE)]
+    strips, adds = _prefixes(sample), _prefixes(list(model)[:: max(1, len(model) // _SAMPLE)])
+    # strip or add, not both: replacing one prefix by another is a rename, which the matcher explains better
+    pairs = [(s, "") for s in strips] + [("", a) for a in adds]
+    scored = [(sum(Prefix(strip=s, add=a).apply(k) in model for k in sample), -len(s + a), s, a) for s, a in pairs]
+    if not scored:
+        return Prefix(matches=baseline, baseline=baseline)
+    _, _, strip, add = max(scored)
+    candidate = Prefix(strip=strip, add=add)
+    best = Prefix(strip=strip, add=add, matches=sum(candidate.apply(k) in model for k in checkpoint_keys),
+                  baseline=baseline)
+    if best.matches <= baseline or best.matches < 0.5 * min(len(checkpoint_keys), len(model)):
+        return Prefix(matches=baseline, baseline=baseline)
+    seen: dict[str, str] = {}
+    for key in checkpoint_keys:
+        new = best.apply(key)
+        if new in seen:
+            raise CheckpointError(
+                path or "checkpoint",
+                f"removing the prefix {best.strip!r} gives two tensors the same name {new!r} "
+                f"({seen[new]!r} and {key!r})",
+                "Pick the tensor dict to use with --key, or rename one of them.",
+            )
+        seen[new] = key
+    return best

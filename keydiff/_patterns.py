@@ -1,0 +1,222 @@
+"""Structure of a key set: keys grouped into units (one module's tensors) and units into clusters (one pattern).
+
+``blocks.3.attn.qkv.weight`` and ``.bias`` form the unit ``blocks.3.attn.qkv``; the units ``blocks.{0..23}.attn.qkv``
+form one cluster whose template is ``blocks.{}.attn.qkv``. Indices are found in whole tokens (``blocks.3``) and
+inside tokens that name a repeat (``encoder_layer_3``, ``layer1``, ``block1-0``). An inner index whose values are
+the same set under every outer index (``mlp.0``/``mlp.3`` in each layer) names a part, not a repeat, so it stays
+in the template.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from keydiff._conventions import BLOCK_STEMS, NOISE, canonical_token, split_leaf
+from keydiff._keys import KeySet, format_indices, natural_key
+
+__all__ = ["Cluster", "Leaf", "Unit", "build_clusters", "build_units", "structural_order"]
+
+_IN_TOKEN = re.compile(r"([A-Za-z][A-Za-z_]*?)([_-]?)(\d+)((?:-\d+)*)")
+SLOT = "{}"
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """One parameter of a unit; several keys when it stands for separate tensors fused along dim 0."""
+
+    name: str
+    """Canonical parameter name (``weight``, ``bias``, ``running_mean``...)."""
+    keys: tuple[str, ...]
+    """The key, or the keys concatenated in this order."""
+    shape: tuple[int, ...]
+    """The shape (of the concatenation, for fused keys)."""
+    dtype: str
+    """The dtype."""
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """The tensors of one module (or one bare parameter), matched as a whole."""
+
+    path: str
+    """Module path as in the keys (``encoder.layers.3.mlp.0``); a virtual fused unit ends in ``.<qkv>``."""
+    leaves: tuple[Leaf, ...]
+    """Its parameters, sorted by canonical name."""
+    template: str
+    """The path with its repeat indices replaced by ``{}``."""
+    indices: tuple[int, ...]
+    """The values of those indices."""
+    position: int
+    """Rank in the side's structural order."""
+    parts: tuple[Unit, ...] = ()
+    """For a virtual fused unit: the units it concatenates, in order."""
+
+    @property
+    def signature(self) -> tuple[tuple[str, int], ...]:
+        """Canonical leaf names with element counts: units can only match when these agree."""
+        return tuple((leaf.name, leaf.numel) for leaf in self.leaves)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key the unit covers."""
+        return tuple(k for leaf in self.leaves for k in leaf.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """Units that share a template and parameter names: ``blocks.{0..23}.attn.qkv`` with weight and bias."""
+
+    template: str
+    """The template, ``{}`` where indices stand."""
+    units: tuple[Unit, ...]
+    """Members, in natural index order."""
+
+    @property
+    def leaf_names(self) -> tuple[str, ...]:
+        """Canonical parameter names shared by every member."""
+        return tuple(leaf.name for leaf in self.units[0].leaves)
+
+    @property
+    def label(self) -> str:
+        """The template with its index sets filled in: ``blocks.{0..23}.attn.qkv``."""
+        return fill_template(self.template, [u.indices for u in self.units])
+
+
+def fill_template(template: str, indices: Sequence[tuple[int, ...]]) -> str:
+    """Write the index set of each slot into a template; ragged sets (not a product) are marked with ``*``."""
+    slots = template.count(SLOT)
+    if not slots or not indices:
+        return template
+    per_slot = [sorted({ix[i] for ix in indices}) for i in range(slots)]
+    product = 1
+    for values in per_slot:
+        product *= len(values)
+    parts = template.split(SLOT)
+    out = parts[0]
+    for i, values in enumerate(per_slot):
+        out += format_indices(values) + parts[i + 1]
+    return out if product == len(set(indices)) else out + f" ({len(indices)} of {product})"
+
+
+def structural_order(keys: Iterable[str]) -> list[str]:
+    """Order keys as ``state_dict()`` would list them when the file's own order says nothing.
+
+    A module's own parameters come before its children, children in natural order; this rebuilds the depth-first
+    order that ``nn.Module.state_dict`` uses, except that siblings are sorted by name.
+    """
+
+    def sort_key(key: str) -> tuple:
+        tokens = key.split(".")
+        return tuple((i < len(tokens) - 1, natural_key(t)) for i, t in enumerate(tokens))
+
+    return sorted(keys, key=sort_key)
+
+
+def _template(path: str) -> tuple[str, tuple[int, ...]]:
+    """Abstract the repeat indices of a module path."""
+    out: list[str] = []
+    indices: list[int] = []
+    for token in path.split("."):
+        if token.isdigit():
+            out.append(SLOT)
+            indices.append(int(token))
+            continue
+        m = _IN_TOKEN.fullmatch(token)
+        if m and m.group(1).lower().rstrip("_") in BLOCK_STEMS:
+            nums = [m.group(3), *filter(None, m.group(4).split("-"))]
+            out.append(m.group(1) + m.group(2) + "-".join(SLOT for _ in nums))
+            indices.extend(int(n) for n in nums)
+            continue
+        out.append(token)
+    return ".".join(out), tuple(indices)
+
+
+def _fix_parts(template: str, members: list[tuple[str, tuple[int, ...]]]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Turn inner slots that name parts (the same non-range value set under every outer index) back into text."""
+    slots = template.count(SLOT)
+    fixed: set[int] = set()
+    for j in range(1, slots):
+        by_outer: dict[tuple[int, ...], set[int]] = defaultdict(set)
+        for _, ix in members:
+            by_outer[ix[:j]].add(ix[j])
+        sets = {frozenset(v) for v in by_outer.values()}
+        if len(sets) != 1:
+            continue
+        # the same set under every outer index: a fixed structure (Sequential parts, or uniform depth); keeping the
+        # values in the template splits it into one cluster per part, which both sides do alike
+        if len(by_outer) > 1 or len(next(iter(sets))) == 1:
+            fixed.add(j)
+    out = {}
+    for path, ix in members:
+        pieces = template.split(SLOT)
+        text, kept = pieces[0], []
+        for j, value in enumerate(ix):
+            text += (str(value) if j in fixed else SLOT) + pieces[j + 1]
+            if j not in fixed:
+                kept.append(value)
+        out[path] = (text, tuple(kept))
+    return out
+
+
+def build_units(keyset: KeySet, keys: Iterable[str], *, order: Sequence[str] | None = None) -> list[Unit]:
+    """Group keys into units, in the given key order (default: the key set's own order)."""
+    wanted = set(keys)
+    ordered = [k for k in (order if order is not None else keyset) if k in wanted]
+    grouped: dict[str, dict[str, str]] = {}
+    for key in ordered:
+        path, leaf = split_leaf(key)
+        leaves = grouped.setdefault(path, {})
+        leaves[leaf if leaf not in leaves else key.rpartition(".")[2]] = key
+    raw = {path: _template(path) for path in grouped}
+    by_template: dict[str, list[tuple[str, tuple[int, ...]]]] = defaultdict(list)
+    for path, (tpl, ix) in raw.items():
+        by_template[tpl].append((path, ix))
+    final: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for tpl, members in by_template.items():
+        final.update(_fix_parts(tpl, members) if tpl.count(SLOT) > 1 else {p: (tpl, ix) for p, ix in members})
+    units = []
+    for position, (path, leaves) in enumerate(grouped.items()):
+        tpl, ix = final[path]
+        infos = tuple(
+            Leaf(name, (key,), keyset[key].shape, keyset[key].dtype) for name, key in sorted(leaves.items())
+        )
+        units.append(Unit(path=path, leaves=infos, template=tpl, indices=ix, position=position))
+    return units
+
+
+def build_clusters(units: Iterable[Unit]) -> list[Cluster]:
+    """Group units by template and parameter names; clusters and members in natural order."""
+    groups: dict[tuple[str, tuple[str, ...]], list[Unit]] = defaultdict(list)
+    for unit in units:
+        groups[unit.template, tuple(leaf.name for leaf in unit.leaves)].append(unit)
+    clusters = [
+        Cluster(template=tpl, units=tuple(sorted(members, key=lambda u: u.indices)))
+        for (tpl, _), members in groups.items()
+    ]
+    return sorted(clusters, key=lambda c: (natural_key(c.template), c.leaf_names))
+
+
+def name_tokens(template: str) -> tuple[str, ...]:
+    """Canonical tokens of a template, slots and location-only tokens left out; the last one names the part."""
+    out: list[str] = []
+    parent = ""
+    for token in template.split("."):
+        token = token.replace(SLOT, "").rstrip("_-")
+        if not token or token.isdigit():
+            continue  # an index names no part
+        canon = canonical_token(token, parent)
+        parent = canon
+        if canon not in NOISE:
+            out.append(canon)
+    return tuple(out)

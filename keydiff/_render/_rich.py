@@ -1,0 +1,111 @@
+"""The terminal (and Jupyter) report: verdict, diagnoses, mapping by cluster, leftovers, next step."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from rich.console import Console, Group, RenderableType
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from keydiff._render._group import group_entries, group_leftovers
+
+if TYPE_CHECKING:
+    from keydiff._diff import Diff
+
+__all__ = ["DEFAULT_BUDGET", "mimebundle", "render_diff"]
+
+DEFAULT_BUDGET = 40
+"""Rows shown per section before the rest is summarised."""
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def verdict(d: Diff) -> Text:
+    """The first line: does it load, and how."""
+    total, missing = len(d.model), len(d.mapping.missing)
+    exact = d.exact
+    mapped = len(d.mapping.entries) - exact
+    if d.ok:
+        how = f"{exact} by name" + (f", {mapped} by the proposed mapping" if mapped else "")
+        text = Text(f"✓ all {total} model keys filled ({how})", style="bold green")
+    else:
+        text = Text(f"✗ {missing} of {total} model keys unresolved ({exact} filled by name, {mapped} by the "
+                    "proposed mapping)", style="bold red")
+    if d.mapping.unused:
+        text.append(f"; {_plural(len(d.mapping.unused), 'checkpoint tensor')} unused", style="yellow")
+    return text
+
+
+def render_diff(d: Diff, *, budget: int = DEFAULT_BUDGET, show_exact: bool = False) -> Iterator[RenderableType]:
+    """Yield the report's parts, each bounded by ``budget`` rows."""
+    yield verdict(d)
+    yield Text(f"  model: {d.model.origin} ({len(d.model)} keys)   checkpoint: {d.checkpoint.origin} "
+               f"({len(d.checkpoint)} keys{', ' + d.checkpoint_format if d.checkpoint_format else ''})", style="dim")
+    for dg in d.diagnoses:
+        style, mark = ("yellow", "⚠") if dg.level == "warning" else ("cyan", "•")
+        yield Text(f"{mark} {dg.message}", style=style)
+    entries = [e for e in d.mapping.entries if show_exact or e.evidence.method not in ("exact", "prefix")]
+    groups = group_entries(entries)
+    if groups:
+        table = Table(title="Proposed mapping", title_justify="left", show_lines=False, expand=False)
+        for col in ("checkpoint", "model", "keys", "op", "conf.", "evidence"):
+            table.add_column(col, overflow="fold")
+        for g in groups[:budget]:
+            conf_style = "green" if g.confidence >= 0.8 else "yellow" if g.confidence >= 0.6 else "red"
+            table.add_row(escape(g.source), escape(g.target), str(g.count), g.op,
+                          Text(f"{g.confidence:.2f}", style=conf_style),
+                          escape(g.method + (f": {g.note}" if g.note else "")))
+        yield table
+        if len(groups) > budget:
+            yield Text(f"  … {len(groups) - budget} more mapping rows; use --all to list them", style="dim")
+    if d.exact and not show_exact:
+        yield Text(f"  {_plural(d.exact, 'key')} match by name; use --all to list them", style="dim")
+    yield from _leftovers("Unresolved model keys", group_leftovers(d.mapping.missing), budget, "red")
+    yield from _leftovers("Unused checkpoint tensors", group_leftovers(d.mapping.unused), budget, "yellow")
+    yield Text(next_step(d), style="bold")
+
+
+def _leftovers(title: str, groups: list, budget: int, style: str) -> Iterator[RenderableType]:
+    if not groups:
+        return
+    table = Table(title=title, title_justify="left", title_style=style)
+    for col in ("keys", "n", "reason", "nearest"):
+        table.add_column(col, overflow="fold")
+    for g in groups[:budget]:
+        table.add_row(escape(g.label), str(g.count), escape(g.reason), escape(", ".join(g.candidates[:2])))
+    yield table
+    if len(groups) > budget:
+        yield Text(f"  … {len(groups) - budget} more rows; use --all to list them", style="dim")
+
+
+def next_step(d: Diff) -> str:
+    """What to do now, in one line."""
+    if d.ok:
+        return "Next: add -o converted.safetensors to write a checkpoint that loads with strict=True " \
+               "(--json map.json saves the mapping)."
+    weak = [m for m in d.mapping.missing if m.reason.startswith("proposed")]
+    if weak:
+        return (f"Next: {len(weak)} unresolved keys have weaker proposals; check them and lower --min-confidence, "
+                "or convert the rest with --partial.")
+    return "Next: the unresolved keys need a source the checkpoint lacks; --partial converts the rest."
+
+
+def render_text(d: Diff, *, width: int = 120, budget: int = DEFAULT_BUDGET, show_exact: bool = False,
+                color: bool = False) -> str:
+    """The report as plain text."""
+    console = Console(file=io.StringIO(), width=width, force_terminal=color, color_system="standard" if color else None)
+    console.print(Group(*render_diff(d, budget=budget, show_exact=show_exact)))
+    return console.file.getvalue()
+
+
+def mimebundle(d: Diff) -> dict[str, str]:
+    """Text and HTML forms for Jupyter."""
+    console = Console(record=True, file=io.StringIO(), width=120)
+    console.print(Group(*render_diff(d)))
+    return {"text/plain": console.export_text(clear=False), "text/html": console.export_html(inline_styles=True)}

@@ -1,0 +1,183 @@
+"""Real checkpoint pairs for the tests: a source model from another library (or a training wrapper), random
+weights in every tensor, and the timm model it should convert into. Shared by the test modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+VIT = dict(embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, img_size=32, patch_size=8, num_classes=0)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A source model, how its checkpoint is stored, and the timm target it converts into."""
+
+    name: str
+    source: Callable[[], nn.Module]
+    target: str
+    target_kwargs: dict[str, Any]
+    src_out: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    dst_out: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    input_shape: tuple[int, ...] = (2, 3, 32, 32)
+    fmt: str = "safetensors"
+    wrap: Callable[[dict], Any] | None = None
+    tags: tuple[str, ...] = field(default=())
+
+    def model_args(self) -> list[str]:
+        """``-m KEY=VALUE`` arguments for the CLI."""
+        return [a for k, v in self.target_kwargs.items() for a in ("-m", f"{k}={v!r}")]
+
+    def target_model(self) -> nn.Module:
+        import timm
+
+        return timm.create_model(self.target, pretrained=False, **self.target_kwargs).eval()
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Distinct random values in every float tensor, so that a swapped norm or a wrong q/k/v order shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3 + (1.0 if t.dim() == 1 and "weight" in name else 0.0))
+    return model.eval()
+
+
+def write_source(pair: Pair, directory: Path, seed: int = 0) -> tuple[Path, nn.Module]:
+    """Build the source model with random weights and store its checkpoint as the pair says."""
+    model = randomise(pair.source(), seed)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    payload = pair.wrap(sd) if pair.wrap else sd
+    if pair.fmt == "pth":
+        path = directory / "source.pth"
+        torch.save(payload, path)
+    else:
+        from safetensors.torch import save_file
+
+        path = directory / "source.safetensors"
+        save_file(payload, str(path))
+    return path, model
+
+
+def max_rel_diff(pair: Pair, src: nn.Module, dst: nn.Module) -> float:
+    x = torch.randn(pair.input_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = pair.src_out(src.eval(), x), pair.dst_out(dst.eval(), x)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+
+
+def tokens(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.forward_features(x)
+
+
+def pooled(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.forward_head(m.forward_features(x), pre_logits=True)
+
+
+def logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(x)
+
+
+# --- transformers ---------------------------------------------------------------------------------------------
+
+def hf_vit() -> nn.Module:
+    from transformers import ViTConfig, ViTModel
+
+    return ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              image_size=32, patch_size=8, layer_norm_eps=1e-6))
+
+
+def hf_resnet() -> nn.Module:
+    from transformers import ResNetConfig, ResNetModel
+
+    return ResNetModel(ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[1, 2, 1, 1],
+                                    layer_type="bottleneck"))
+
+
+# --- torchvision ----------------------------------------------------------------------------------------------
+
+def tv_vit() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                             num_classes=7)
+
+
+def tv_vit_tokens(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = m._process_input(x)
+    return m.encoder(torch.cat([m.class_token.expand(x.shape[0], -1, -1), x], dim=1))
+
+
+def tv_convnext() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, 32, 2), CNBlockConfig(32, 48, 1),
+                     CNBlockConfig(48, None, 1)], num_classes=5)
+
+
+def tv_convnext_pooled(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.classifier[1](m.classifier[0](m.avgpool(m.features(x))))
+
+
+def tv_resnet() -> nn.Module:
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 2, 1, 1], num_classes=6)
+
+
+# --- open_clip ------------------------------------------------------------------------------------------------
+
+def oc_vit() -> nn.Module:
+    from open_clip.transformer import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_ratio=2.0, output_dim=16)
+
+
+def oc_pooled(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    proj, m.proj = m.proj, None
+    try:
+        return m(x)
+    finally:
+        m.proj = proj
+
+
+def timm_source(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+    return build
+
+
+CORE_PAIRS = [
+    Pair("hf_vit", hf_vit, "vit_base_patch16_224", VIT, lambda m, x: m(pixel_values=x).last_hidden_state, tokens),
+    Pair("tv_vit", tv_vit, "vit_base_patch16_224", VIT, tv_vit_tokens, tokens),
+    Pair("openclip_vit", oc_vit, "vit_base_patch16_clip_224", dict(VIT, pre_norm=True, global_pool="token"),
+         oc_pooled, lambda m, x: m.forward_features(x)[:, 0]),
+    Pair("tv_convnext", tv_convnext, "convnext_tiny", dict(depths=(1, 2, 1, 1), dims=(8, 16, 32, 48), num_classes=0),
+         tv_convnext_pooled, pooled, input_shape=(2, 3, 64, 64)),
+    Pair("hf_resnet", hf_resnet, "resnet50",
+         dict(layers=[1, 2, 1, 1], num_classes=0),
+         lambda m, x: m(pixel_values=x).pooler_output.flatten(1), pooled, input_shape=(2, 3, 64, 64)),
+    Pair("tv_resnet18", tv_resnet, "resnet18", dict(layers=[1, 2, 1, 1], num_classes=6), logits, logits,
+         input_shape=(2, 3, 64, 64)),
+    Pair("ddp_prefix", timm_source("resnet18", layers=[1, 1, 1, 1], num_classes=3), "resnet18",
+         dict(layers=[1, 1, 1, 1], num_classes=3), logits, logits, input_shape=(2, 3, 64, 64), fmt="pth",
+         wrap=lambda sd: {"module." + k: v for k, v in sd.items()}),
+    Pair("lightning_compile", timm_source("vit_base_patch16_224", **VIT), "vit_base_patch16_224", VIT, tokens,
+         tokens, fmt="pth",
+         wrap=lambda sd: {"epoch": 2, "global_step": 10, "state_dict": {"model._orig_mod." + k: v for k, v in sd.items()},
+                          "optimizer_states": [{"state": {}, "param_groups": []}], "hyper_parameters": {"lr": 0.1}}),
+]

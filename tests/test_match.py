@@ -1,0 +1,137 @@
+"""Matching evidence: shapes, names, fusion, ambiguity, negative controls."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from keydiff import KeySet, TensorInfo, compare_keys
+from keydiff._match import name_similarity, shape_relation
+
+
+def ks(items, order_is_evidence=True) -> KeySet:
+    return KeySet.from_items(((k, TensorInfo(tuple(s), "float32")) for k, s in items),
+                             order_is_evidence=order_is_evidence)
+
+
+def vit_keys(prefix: str, depth: int, d: int = 8, names: dict | None = None) -> list:
+    n = names or {}
+    out = [(n.get("cls", "cls_token"), (1, 1, d))]
+    for i in range(depth):
+        p = f"{prefix}.{i}."
+        out += [(p + n.get("norm1", "norm1") + ".weight", (d,)), (p + n.get("norm1", "norm1") + ".bias", (d,)),
+                (p + n.get("qkv", "attn.qkv") + ".weight", (3 * d, d)), (p + n.get("qkv", "attn.qkv") + ".bias", (3 * d,)),
+                (p + n.get("norm2", "norm2") + ".weight", (d,)), (p + n.get("norm2", "norm2") + ".bias", (d,)),
+                (p + n.get("fc1", "mlp.fc1") + ".weight", (4 * d, d)), (p + n.get("fc2", "mlp.fc2") + ".weight", (d, 4 * d))]
+    return out
+
+
+def test_shape_relations():
+    assert shape_relation((4, 3), (4, 3)) == "same"
+    assert shape_relation((8,), (1, 1, 8)) == "reshape"
+    assert shape_relation((8, 1, 1), (8,)) == "reshape"
+    assert shape_relation((8, 3, 2, 2), (8, 12)) == "reshape"
+    assert shape_relation((4, 3), (3, 4)) == "transpose"
+    assert shape_relation((4, 4), (2, 8)) is None
+    assert shape_relation((4,), (5,)) is None
+
+
+def test_synonyms_score_higher_than_other_parts():
+    assert name_similarity("layers.{}.layernorm_before", "blocks.{}.norm1") > name_similarity(
+        "layers.{}.layernorm_before", "blocks.{}.norm2")
+    assert name_similarity("resblocks.{}.mlp.c_proj", "blocks.{}.mlp.fc2") > name_similarity(
+        "resblocks.{}.mlp.c_proj", "blocks.{}.mlp.fc1")
+
+
+def test_renamed_blocks_map_by_index_and_name():
+    model = ks(vit_keys("blocks", 3))
+    ckpt = ks(vit_keys("encoder.layer", 3, names={"norm1": "ln_1", "norm2": "ln_2", "cls": "class_token",
+                                                  "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}), order_is_evidence=False)
+    d = compare_keys(model, ckpt)
+    assert d.ok
+    got = {e.target: e.source[0] for e in d.mapping.entries}
+    assert got["blocks.2.norm2.weight"] == "encoder.layer.2.ln_2.weight"
+    assert got["blocks.1.mlp.fc2.weight"] == "encoder.layer.1.mlp.c_proj.weight"
+
+
+def test_separate_qkv_is_fused_in_name_order_not_file_order():
+    d_ = 4
+    model = ks([("blocks.0.attn.qkv.weight", (3 * d_, d_))])
+    ckpt = ks([("layers.0.attention.value.weight", (d_, d_)), ("layers.0.attention.query.weight", (d_, d_)),
+               ("layers.0.attention.key.weight", (d_, d_))])
+    (entry,) = compare_keys(model, ckpt).mapping.entries
+    assert entry.op.kind == "concat"
+    assert entry.source == ("layers.0.attention.query.weight", "layers.0.attention.key.weight",
+                            "layers.0.attention.value.weight")
+
+
+def test_fused_in_proj_is_split_for_separate_q_k_v():
+    model = ks([(f"layers.0.self_attn.{p}_proj.weight", (4, 4)) for p in "qkv"])
+    ckpt = ks([("blocks.0.attn.in_proj_weight", (12, 4))])
+    entries = compare_keys(model, ckpt).mapping.entries
+    assert [(e.target, e.op.kind, e.op.index) for e in entries] == [
+        ("layers.0.self_attn.q_proj.weight", "split", 0), ("layers.0.self_attn.k_proj.weight", "split", 1),
+        ("layers.0.self_attn.v_proj.weight", "split", 2)]
+
+
+def test_opaque_same_shaped_norms_are_not_guessed():
+    """Two same-shaped norms whose names say nothing, in an order that says nothing: unresolved, not a coin flip."""
+    model = ks([("blocks.0.norm1.weight", (8,)), ("blocks.0.norm2.weight", (8,))])
+    ckpt = ks([("layers.0.xa.weight", (8,)), ("layers.0.xb.weight", (8,))], order_is_evidence=False)
+    d = compare_keys(model, ckpt, min_confidence=0.75)
+    assert not d.ok
+
+
+def test_shallower_checkpoint_never_fills_deeper_blocks():
+    model = ks(vit_keys("blocks", 4))
+    ckpt = ks(vit_keys("encoder.layers", 2), order_is_evidence=False)
+    d = compare_keys(model, ckpt)
+    assert not d.ok
+    for e in d.mapping.entries:
+        if e.target.startswith("blocks."):
+            assert e.target.split(".")[1] == e.source[0].split(".")[2]
+    assert any(dg.kind == "depth" for dg in d.diagnoses)
+
+
+def test_wider_checkpoint_is_refused_with_a_diagnosis():
+    d = compare_keys(ks(vit_keys("blocks", 2, d=8)), ks(vit_keys("blocks", 2, d=16)))
+    assert not d.ok and not d.mapping.entries
+    assert any("width 16 in the checkpoint, 8 in the model" in dg.message for dg in d.diagnoses)
+
+
+def test_output_is_deterministic_under_permuted_input():
+    model = ks(vit_keys("blocks", 3))
+    items = vit_keys("encoder.layer", 3, names={"norm1": "ln_1", "norm2": "ln_2"})
+    first = compare_keys(model, ks(items, order_is_evidence=False)).mapping.dumps()
+    for seed in range(3):
+        shuffled = items[:]
+        random.Random(seed).shuffle(shuffled)
+        assert compare_keys(model, ks(shuffled, order_is_evidence=False)).mapping.dumps() == first
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "model.module.", "backbone."])
+def test_wrapper_prefixes_are_found_by_overlap(prefix):
+    model = ks(vit_keys("blocks", 2))
+    d = compare_keys(model, ks([(prefix + k, s) for k, s in vit_keys("blocks", 2)]))
+    assert d.ok and d.mapping.unwrap.strip_prefix == prefix
+    assert all(e.evidence.method == "prefix" for e in d.mapping.entries)
+    assert any(dg.kind == "prefix" and prefix in dg.message for dg in d.diagnoses)
+
+
+def test_head_reinitialisation_is_diagnosed():
+    model = ks([*vit_keys("blocks", 1), ("head.weight", (10, 8)), ("head.bias", (10,))])
+    ckpt = ks([*vit_keys("blocks", 1), ("head.weight", (1000, 8)), ("head.bias", (1000,))])
+    d = compare_keys(model, ckpt)
+    assert not d.ok
+    assert any("checkpoint has 1000 classes, model 10" in dg.message for dg in d.diagnoses)
+
+
+def test_every_checkpoint_tensor_is_mapped_or_reported():
+    model = ks(vit_keys("blocks", 2))
+    ckpt = ks([*vit_keys("encoder.layers", 2), ("pooler.dense.weight", (8, 8)), ("extra", (3,))])
+    d = compare_keys(model, ckpt)
+    used = {k for e in d.mapping.entries for k in e.source}
+    unused = {u.key: u.reason for u in d.mapping.unused}
+    assert used | set(unused) == set(ckpt) and not used & set(unused)
+    assert all(unused.values())

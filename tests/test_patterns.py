@@ -1,0 +1,85 @@
+"""Templating keys into units and clusters."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from keydiff._keys import KeySet, TensorInfo, format_indices, natural_key
+from keydiff._patterns import _template, build_clusters, build_units, fill_template, name_tokens, structural_order
+
+
+def _ks(keys: list[str], shape: tuple[int, ...] = (4,)) -> KeySet:
+    return KeySet.from_items((k, TensorInfo(shape, "float32")) for k in keys)
+
+
+def test_indices_are_found_in_whole_tokens_and_inside_tokens():
+    assert _template("blocks.3.attn.qkv") == ("blocks.{}.attn.qkv", (3,))
+    assert _template("encoder.layers.encoder_layer_11.ln_1") == ("encoder.layers.encoder_layer_{}.ln_1", (11,))
+    assert _template("layer4.2.conv1") == ("layer{}.{}.conv1", (4, 2))
+    assert _template("stages.1.block1-0.conv") == ("stages.{}.block{}-{}.conv", (1, 1, 0))
+
+
+def test_numbered_part_names_are_not_indices():
+    assert _template("blocks.0.norm1") == ("blocks.{}.norm1", (0,))
+    assert _template("mlp.fc2") == ("mlp.fc2", ())
+
+
+def test_inner_index_with_fixed_values_is_a_part_name():
+    keys = [f"layers.{i}.mlp.{j}.weight" for i in range(3) for j in (0, 3)]
+    clusters = build_clusters(build_units(_ks(keys), keys))
+    assert [c.label for c in clusters] == ["layers.{0..2}.mlp.0", "layers.{0..2}.mlp.3"]
+
+
+def test_ragged_index_sets_are_not_shown_as_a_product():
+    keys = [f"stages.{s}.blocks.{b}.weight" for s, depth in enumerate([1, 1, 3, 1]) for b in range(depth)]
+    (cluster,) = build_clusters(build_units(_ks(keys), keys))
+    assert cluster.label == "stages.{0..3}.blocks.{0..2} (6 of 12)"
+
+
+def test_unit_groups_a_modules_tensors_and_bare_parameters_stand_alone():
+    keys = ["blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.ls1", "cls_token",
+            "attn.in_proj_weight", "attn.in_proj_bias"]
+    units = {u.path: [leaf.name for leaf in u.leaves] for u in build_units(_ks(keys), keys)}
+    assert units == {"blocks.0.attn.qkv": ["bias", "weight"], "blocks.0.ls1": ["weight"], "cls_token": ["weight"],
+                     "attn.in_proj": ["bias", "weight"]}
+
+
+def test_structural_order_puts_own_parameters_before_children():
+    keys = ["f.1.0.block.0.weight", "f.1.0.layer_scale", "f.10.w", "f.2.w", "a"]
+    assert structural_order(keys) == ["a", "f.1.0.layer_scale", "f.1.0.block.0.weight", "f.2.w", "f.10.w"]
+
+
+def test_name_tokens_are_canonical_and_skip_location_words():
+    assert name_tokens("encoder.layers.{}.layernorm_before") == ("block", "norm1")
+    assert name_tokens("transformer.resblocks.{}.mlp.c_proj") == ("block", "mlp", "fc2")
+    assert name_tokens("blocks.{}.attn.proj") == ("block", "attn", "out")
+
+
+@given(st.lists(st.integers(0, 200), min_size=1, max_size=40))
+def test_format_indices_is_exact(values):
+    text = format_indices(values)
+    if len(set(values)) == 1:
+        assert text == str(values[0])
+        return
+    got: set[int] = set()
+    for part in text.strip("{}").split(","):
+        lo, _, hi = part.partition("..")
+        got.update(range(int(lo), int(hi or lo) + 1))
+    assert got == set(values)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["blocks", "layers", "stage"]), st.integers(0, 30),
+                          st.sampled_from(["attn.qkv", "mlp.fc1", "norm"])), min_size=1, max_size=30))
+def test_templating_round_trips(parts):
+    """Filling a template with its own indices gives back the key; templating is idempotent."""
+    for head, i, tail in parts:
+        key = f"{head}.{i}.{tail}"
+        tpl, ix = _template(key)
+        assert tpl.replace("{}", "{!s}").format(*ix) == key
+        assert _template(tpl.replace("{}", "{!s}").format(*ix)) == (tpl, ix)
+        assert fill_template(tpl, [ix]) == key
+
+
+def test_natural_key_orders_numbers_by_value():
+    assert sorted(["b.10", "b.9", "b.1"], key=natural_key) == ["b.1", "b.9", "b.10"]
