@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["SCHEMA", "VERSION", "Entry", "Evidence", "KeyMap", "Leftover", "Rule", "Unwrap", "load_mapping"]
 
 SCHEMA = "keydiff/mapping"
+_NUMBER_LIST = re.compile(r"\[(?:\s*-?\d+,)*\s*-?\d+\s*\]|\[\s*\]")
 VERSION = 1
 Method = Literal["exact", "prefix", "cluster", "order", "unique"]
 
@@ -253,7 +254,9 @@ class KeyMap:
 
     def dumps(self) -> str:
         """The JSON document as text, stable across runs."""
-        return json.dumps(self.to_json(), indent=1) + "\n"
+        text = json.dumps(self.to_json(), indent=1)
+        # shapes on one line: [1, 1, 768] rather than five
+        return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.findall(r"-?\d+", m.group(0))) + "]", text) + "\n"
 
     @classmethod
     def from_json(cls, data: object) -> KeyMap:

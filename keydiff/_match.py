@@ -127,6 +127,8 @@ def name_similarity(a: str, b: str) -> float:
         last, ca, cb = 0.5, set(ta), set(tb)
     else:
         last, ca, cb = _token_similarity(ta[-1], tb[-1]), set(ta[:-1]), set(tb[:-1])
+        if last < 0.8 and (ta[-1] in cb or tb[-1] in ca):
+            last = 0.8  # one names the module, the other its inner part (patch_embed vs patch_embed.proj)
     context = len(ca & cb) / len(ca | cb) if ca or cb else 1.0
     return round(0.65 * last + 0.35 * context, 4)
 
