@@ -142,6 +142,7 @@ class KeyMap:
 
     Example:
         >>> import torch
+        >>> from keydiff._mapping import Entry, Evidence, KeyMap, Op
         >>> km = KeyMap(entries=(Entry(source=("a.w",), target="b.w", op=Op(kind="rename"), confidence=1.0,
         ...     evidence=Evidence(method="exact"), source_shapes=((2,),), target_shape=(2,)),))
         >>> list(km.apply({"a.w": torch.zeros(2)}))

@@ -77,11 +77,14 @@ _EMA_TOKENS = frozenset({"ema", "swa", "averaged", "average"})
 # --------------------------------------------------------------------------------------------------- safetensors
 
 
+_HeaderEntry = tuple[str, TensorInfo, tuple[int, int]]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SafetensorsHeader:
     """A parsed and validated safetensors header."""
 
-    tensors: tuple[tuple[str, TensorInfo, tuple[int, int]], ...]
+    tensors: tuple[_HeaderEntry, ...]
     """``(key, info, (begin, end))`` in header order; offsets are relative to the data section."""
     metadata: Mapping[str, str]
     """The ``__metadata__`` entry (empty if absent)."""
@@ -159,9 +162,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _parse_entry(path: str | os.PathLike[str], key: str, entry: object, data_size: int) -> tuple[
-    str, TensorInfo, tuple[int, int]
-]:
+def _parse_entry(path: str | os.PathLike[str], key: str, entry: object, data_size: int) -> _HeaderEntry:
     def bad(problem: str) -> CheckpointError:
         return CheckpointError(path, f"safetensors entry {key!r} {problem}", _REDOWNLOAD)
 
@@ -328,7 +329,10 @@ def read_checkpoint(
 
 
 def _files_in_directory(directory: str) -> list[tuple[str, frozenset[str] | None]]:
-    names = sorted(os.listdir(directory), key=natural_key)
+    try:
+        names = sorted(os.listdir(directory), key=natural_key)
+    except OSError as exc:
+        raise CheckpointError(directory, f"cannot be listed ({exc.strerror or exc})", "Check its permissions.") from exc
     indexes = [n for n in names if n.lower().endswith(".index.json")]
     if len(indexes) > 1:
         # Hugging Face repositories often ship both; the safetensors one reads without unpickling.
@@ -421,13 +425,18 @@ def _read_safetensors(shown: str, files: list[tuple[str, frozenset[str] | None]]
             items.append((name, info))
     return Checkpoint(
         path=shown,
-        fmt="safetensors" if len(files) == 1 else "safetensors-sharded",
+        fmt="safetensors-sharded" if _is_sharded(files) else "safetensors",
         # safetensors sorts keys on save, so the header order says nothing about the model.
         keys=KeySet.from_items(items, origin=shown, order_is_evidence=False),
         container="",
         metadata=metadata,
         _store=_SafetensorsStore(shard_of),
     )
+
+
+def _is_sharded(files: list[tuple[str, frozenset[str] | None]]) -> bool:
+    # An index makes a sharded checkpoint even when it lists a single shard.
+    return len(files) > 1 or files[0][1] is not None
 
 
 def _duplicate(shown: str, name: str, first: str, second: str) -> CheckpointError:
@@ -472,7 +481,7 @@ def _read_torch(
     first = found[0]
     return Checkpoint(
         path=shown,
-        fmt=fmts[0] if len(files) == 1 else "torch-sharded",
+        fmt="torch-sharded" if _is_sharded(files) else fmts[0],
         keys=KeySet.from_items(
             ((k, TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch."))) for k, t in tensors.items()),
             origin=shown, order_is_evidence=True,
@@ -600,11 +609,11 @@ def _unpickling_error(path: str, message: str) -> CheckpointError:
     unsafe = [g for g in globals_ if g not in _torch_allowed_globals() and not g.endswith("Storage")]
     if unsafe:
         return UnsafePickle(path, ", ".join(sorted(set(unsafe), key=natural_key)))
-    reason = _first_line(detail)
-    opcode = re.search(r"Unsupported operand (\d+)", reason)
-    if opcode and int(opcode.group(1)) >= 0x94:  # FRAME, MEMOIZE...: opcodes added by pickle protocol 4
-        reason += ", an opcode of pickle protocol 4+, which torch's safe loader does not read"
-    return UnsafePickle(path, f"torch's safe loader refuses it: {reason}")
+    reason = f"torch's safe loader refuses it: {_first_line(detail)}"
+    opcode = re.search(r"Unsupported operand (\d+)", detail)
+    if opcode and int(opcode.group(1)) >= 0x94:  # FRAME, MEMOIZE...: the opcodes pickle protocol 4 added
+        reason = f"pickle opcode {opcode.group(1)} of protocol 4 or later, which torch's safe loader does not read"
+    return UnsafePickle(path, reason)
 
 
 def _torch_pickle_globals(path: str) -> list[str] | None:

@@ -19,8 +19,17 @@ from keydiff._errors import KeydiffError, OutputError, UsageError
 
 __all__ = ["app", "main"]
 
+_HELP = """Why a checkpoint does not load into a model, and the mapping that fixes it.
+
+\b
+  keydiff MODEL CHECKPOINT [-m KEY=VALUE]... [--json MAP] [-o OUT]
+  keydiff apply MAP.json CHECKPOINT -o OUT
+
+Exit codes: 0 every model key is filled; 1 some stay unresolved; 2 bad input or usage.
+"""
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help=__doc__)
+                  rich_markup_mode=None, help=_HELP)
 
 ModelArgs = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045 - typer reads Optional at runtime
     "-m", "--model-arg", metavar="KEY=VALUE",
@@ -170,8 +179,6 @@ _COMMANDS = {"diff", "apply"}
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. ``keydiff MODEL CKPT`` is short for ``keydiff diff MODEL CKPT``."""
-    import click
-
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in _COMMANDS and not args[0].startswith("-"):
         args.insert(0, "diff")
@@ -183,12 +190,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"keydiff: error: {exc}", file=sys.stderr)
         return 2
-    except click.exceptions.ClickException as exc:
-        print(f"keydiff: error: {exc.format_message()} (see keydiff --help)", file=sys.stderr)
-        return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
         print("keydiff: interrupted; no output was left half-written", file=sys.stderr)
         return 130
+    except typer.TyperException as exc:  # usage errors from the argument parser
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            print(message)
+            return 2
+        print(f"keydiff: error: {message} (see keydiff --help)", file=sys.stderr)
+        return 2
     except OSError as exc:
         if debug:
             raise

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pickle
 import struct
@@ -375,6 +376,10 @@ BROKEN = {
     "emptydir": (lambda p: p.mkdir(), CheckpointError, r"no checkpoint found in directory \(it is empty\)"),
     "missing.pt": (lambda p: None, CheckpointNotFound, "no such file or directory"),
     "bad.index.json": (lambda p: p.write_text("[]"), CheckpointError, "no weight_map"),
+    "escape.index.json": (
+        lambda p: p.write_text(json.dumps({"weight_map": {"w": "../other/x.safetensors"}})),
+        CheckpointError, "shard outside its directory",
+    ),
 }
 
 
@@ -452,3 +457,49 @@ def test_arbitrary_json_headers_parse_or_refuse(
     _parses_or_refuses(path)
     with contextlib.suppress(KeydiffError):
         read_checkpoint(path)
+
+
+SIZES = {"F32": 4, "BF16": 2, "I8": 1, "I64": 8, "BOOL": 1}
+
+
+@st.composite
+def valid_files(draw: st.DrawFn) -> tuple[dict[str, dict[str, object]], int]:
+    """A consistent header (contiguous offsets) and the size of its data section."""
+    header: dict[str, dict[str, object]] = {}
+    offset = 0
+    for key in draw(st.lists(st.text(min_size=1, max_size=6), unique=True, max_size=5)):
+        code = draw(st.sampled_from(sorted(SIZES)))
+        shape = draw(st.lists(st.integers(0, 3), max_size=3))
+        size = SIZES[code] * math.prod(shape)
+        header[key] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    return header, offset
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    made=valid_files(),
+    field=st.sampled_from(["", "dtype", "shape", "data_offsets", "drop", "truncate"]),
+    value=json_values,
+)
+def test_valid_headers_parse_and_any_single_change_is_refused_or_parsed(
+    tmp_path_factory: pytest.TempPathFactory, made: tuple[dict[str, dict[str, object]], int], field: str,
+    value: object,
+) -> None:
+    header, size = made
+    data_size = size
+    if header and field:
+        entry = header[next(iter(header))]
+        if field == "drop":
+            del entry["dtype"]
+        elif field == "truncate":
+            data_size = max(0, size - 1)
+        else:
+            entry[field] = value
+    path = _raw_safetensors(tmp_path_factory.mktemp("fuzz") / "v.safetensors", header, bytes(data_size))
+    if not field or not header:
+        parsed = read_safetensors_header(path)
+        assert [k for k, _, _ in parsed.tensors] == list(header)
+        assert [list(info.shape) for _, info, _ in parsed.tensors] == [e["shape"] for e in header.values()]
+    else:
+        _parses_or_refuses(path)

@@ -22,7 +22,7 @@ Item = tuple[str, TensorInfo, Callable[[], torch.Tensor]]
 
 
 def _items(tensors: dict[str, torch.Tensor]) -> list[Item]:
-    return [(k, TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch.")), lambda t=t: t) for k, t in tensors.items()]
+    return [(k, TensorInfo(tuple(t.shape), str(t.dtype)[len("torch."):]), lambda t=t: t) for k, t in tensors.items()]
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -226,3 +226,4 @@ def test_sharded_output_loads_with_huggingface_hub(tmp_path: Path) -> None:
 def test_one_shard_when_everything_fits(tmp_path: Path) -> None:
     written = write_safetensors(tmp_path / "w.safetensors", _items(_tensors()), max_shard_size=1 << 30)
     assert [Path(p).name for p in written] == ["w-00001-of-00001.safetensors", "w.safetensors.index.json"]
+    assert read_checkpoint(written[-1]).fmt == "safetensors-sharded"
