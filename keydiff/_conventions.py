@@ -55,7 +55,7 @@ _SYNONYMS: dict[str, tuple[str, ...]] = {
     "norm": ("norm", "ln", "layernorm", "layer_norm", "ln_f", "final_layernorm", "norm_f", "ln_post",
              "post_layernorm", "fc_norm", "normalization", "bn", "batchnorm", "batch_norm", "norm_layer"),
     "norm_pre": ("ln_pre", "norm_pre", "pre_layernorm", "pre_layrnorm"),
-    "mlp": ("mlp", "ffn", "feed_forward", "feedforward", "ff", "mlp_block"),
+    "mlp": ("mlp", "ffn", "feed_forward", "feedforward", "ff", "mlp_block", "block_sparse_moe", "sparse_moe", "moe"),
     "fc1": ("fc1", "c_fc", "lin1", "fc_1"),
     "fc2": ("fc2", "lin2", "fc_2"),
     "gate": ("gate_proj", "w1", "gate"),
@@ -87,6 +87,7 @@ _IN_CONTEXT = {
     ("mlp", "c_proj"): "fc2", ("mlp", "dense"): "fc2", ("mlp", "proj"): "fc2", ("mlp", "out"): "fc2",
     ("attn", "c_proj"): "out", ("attn", "proj"): "out", ("attn", "dense"): "out", ("attn", "output"): "out",
     ("intermediate", "dense"): "fc1", ("output", "dense"): "fc2",
+    ("", "output"): "head",  # Meta's original LLM names call the LM head ``output``
 }
 
 # Separate tensors that another library fuses along dim 0, in the order the fused tensor holds them.

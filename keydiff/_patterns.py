@@ -2,9 +2,9 @@
 
 ``blocks.3.attn.qkv.weight`` and ``.bias`` form the unit ``blocks.3.attn.qkv``; the units ``blocks.{0..23}.attn.qkv``
 form one cluster whose template is ``blocks.{}.attn.qkv``. Indices are found in whole tokens (``blocks.3``) and
-inside tokens that name a repeat (``encoder_layer_3``, ``layer1``, ``block1-0``). An inner index whose values are
-the same set under every outer index (``mlp.0``/``mlp.3`` in each layer) names a part, not a repeat, so it stays
-in the template.
+inside tokens that name a repeat (``encoder_layer_3``, ``layer1``, ``block1-0``). An inner index that takes the same
+values under every outer index and holds different kinds of tensors at each (``mlp.0``/``mlp.3``) names a part,
+not a repeat, so it stays in the template.
 """
 
 from __future__ import annotations
@@ -142,20 +142,26 @@ def _template(path: str) -> tuple[str, tuple[int, ...]]:
     return ".".join(out), tuple(indices)
 
 
-def _fix_parts(template: str, members: list[tuple[str, tuple[int, ...]]]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Turn inner slots that name parts (the same non-range value set under every outer index) back into text."""
+def _fix_parts(template: str, members: list[tuple[str, tuple[int, ...]]],
+               kinds: dict[str, tuple]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Turn inner slots that name parts back into text.
+
+    An inner slot names parts when it takes the same value set under every outer index and the values hold
+    different kinds of tensors (``layer.0`` a 1x1 conv, ``layer.1`` a 3x3 one; ``mlp.0`` and ``mlp.3``). When every
+    value holds the same kinds (``experts.{0..127}``, uniform depth) it is a repeat and stays a slot.
+    """
     slots = template.count(SLOT)
     fixed: set[int] = set()
     for j in range(1, slots):
         by_outer: dict[tuple[int, ...], set[int]] = defaultdict(set)
-        for _, ix in members:
+        by_value: dict[int, set[tuple]] = defaultdict(set)
+        for path, ix in members:
             by_outer[ix[:j]].add(ix[j])
+            by_value[ix[j]].add(kinds[path])
         sets = {frozenset(v) for v in by_outer.values()}
         if len(sets) != 1:
             continue
-        # the same set under every outer index: a fixed structure (Sequential parts, or uniform depth); keeping the
-        # values in the template splits it into one cluster per part, which both sides do alike
-        if len(by_outer) > 1 or len(next(iter(sets))) == 1:
+        if len(next(iter(sets))) == 1 or len({frozenset(k) for k in by_value.values()}) > 1:
             fixed.add(j)
     out = {}
     for path, ix in members:
@@ -182,9 +188,14 @@ def build_units(keyset: KeySet, keys: Iterable[str], *, order: Sequence[str] | N
     by_template: dict[str, list[tuple[str, tuple[int, ...]]]] = defaultdict(list)
     for path, (tpl, ix) in raw.items():
         by_template[tpl].append((path, ix))
+    kinds = {path: tuple((leaf, keyset[key].shape) for leaf, key in sorted(leaves.items()))
+             for path, leaves in grouped.items()}
     final: dict[str, tuple[str, tuple[int, ...]]] = {}
     for tpl, members in by_template.items():
-        final.update(_fix_parts(tpl, members) if tpl.count(SLOT) > 1 else {p: (tpl, ix) for p, ix in members})
+        if tpl.count(SLOT) > 1:
+            final.update(_fix_parts(tpl, members, kinds))
+        else:
+            final.update({p: (tpl, ix) for p, ix in members})
     units = []
     for position, (path, leaves) in enumerate(grouped.items()):
         tpl, ix = final[path]

@@ -25,10 +25,18 @@ def test_numbered_part_names_are_not_indices():
     assert _template("mlp.fc2") == ("mlp.fc2", ())
 
 
-def test_inner_index_with_fixed_values_is_a_part_name():
-    keys = [f"layers.{i}.mlp.{j}.weight" for i in range(3) for j in (0, 3)]
-    clusters = build_clusters(build_units(_ks(keys), keys))
+def test_inner_index_with_fixed_values_and_different_tensors_is_a_part_name():
+    items = [(f"layers.{i}.mlp.{j}.weight", TensorInfo((8, 4) if j == 0 else (4, 8), "float32"))
+             for i in range(3) for j in (0, 3)]
+    keys = KeySet.from_items(items)
+    clusters = build_clusters(build_units(keys, keys))
     assert [c.label for c in clusters] == ["layers.{0..2}.mlp.0", "layers.{0..2}.mlp.3"]
+
+
+def test_inner_index_over_identical_tensors_is_a_repeat():
+    keys = [f"layers.{i}.experts.{e}.w1.weight" for i in range(2) for e in range(4)]
+    (cluster,) = build_clusters(build_units(_ks(keys), keys))
+    assert cluster.label == "layers.{0,1}.experts.{0..3}.w1"
 
 
 def test_ragged_index_sets_are_not_shown_as_a_product():
