@@ -36,7 +36,7 @@ LEAVES = {
     "weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bias", "scale": "weight",
     "running_mean": "running_mean", "running_var": "running_var", "num_batches_tracked": "num_batches_tracked",
     "moving_mean": "running_mean", "moving_variance": "running_var", "weight_g": "weight_g",
-    "weight_v": "weight_v", "kernel": "weight",
+    "weight_v": "weight_v", "kernel": "weight", "lambda1": "weight",
 }
 
 _SYNONYMS: dict[str, tuple[str, ...]] = {

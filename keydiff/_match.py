@@ -264,7 +264,7 @@ def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> list[Pairing]:
 
 # ------------------------------------------------------------------------------------------------------ order
 
-def _align(src: list[Unit], dst: list[Unit]) -> tuple[list[tuple[int, int, float]], dict[tuple[int, int], float]]:
+def _align(src: list[Unit], dst: list[Unit]) -> tuple[list[tuple[int, int, float]], dict[tuple[int, int], float]]:  # noqa: E501
     """Best monotone alignment of two unit sequences; pairs must be compatible.
 
     Returns:
@@ -312,35 +312,133 @@ def _order_is_evidence(a: Unit, b: Unit, file_order: bool) -> bool:
         return True
     for x, y in zip(a.path.split("."), b.path.split("."), strict=False):
         if x != y:
-            return x.isdigit() and y.isdigit()
+            return _ordinal(x, y)
     return False
 
 
-def _anchor_distance(unit: Unit, target: Unit, anchors: dict[str, list[int]]) -> int:
-    """How far ``target`` sits from the model-side partners of ``unit``'s already matched siblings."""
-    positions = anchors.get(unit.path.rpartition(".")[0], ())
-    return min((abs(p - target.position) for p in positions), default=0)
+def _ordinal(x: str, y: str) -> bool:
+    """Names whose sort order is their meaning: indices (``3``/``10``), letters (``a``/``b``/``c``), and one stem
+    with different numbers (``conv1``/``conv2``)."""
+    if x.isdigit() and y.isdigit():
+        return True
+    if len(x) == len(y) == 1 and x.isalpha() and y.isalpha():
+        return True
+    sx, sy = x.rstrip("0123456789"), y.rstrip("0123456789")
+    return sx == sy and sx != x and sy != y
 
 
-def _undecided(src: list[Unit], dst: list[Unit], aligned: list[tuple[int, int, float]], gain: dict,
-               anchors: dict[str, list[int]], file_order: bool) -> set[int]:
-    """Aligned pairs whose swap with a nearby same-shaped pair no evidence rules out (positions in ``aligned``)."""
+def _parent(unit: Unit) -> str:
+    return unit.path.rpartition(".")[0]
+
+
+def _gain(s: Unit, t: Unit) -> float:
+    return name_similarity(s.template, t.template) + (0.2 if s.indices and s.indices == t.indices else 0.0)
+
+
+@dataclass
+class _Soft:
+    """A pairing made on order or uniqueness: open to repair until the evidence is weighed."""
+
+    source: Unit
+    target: Unit
+    method: str
+
+
+def _ancestors(unit: Unit) -> list[str]:
+    tokens = unit.path.split(".")
+    return [".".join(tokens[:n]) for n in range(1, len(tokens))]
+
+
+class _Structure:
+    """Where the rest of each checkpoint module went: parts that share an ancestor in the checkpoint should share
+    one in the model (``f.c.0`` -> ``conv3.conv`` puts ``f.c.1`` at ``conv3.bn``, not ``downsample.bn``; the parts
+    of ``block2-0`` stay together in ``s2.b1``)."""
+
+    def __init__(self, fixed: Sequence[Pairing], soft: Sequence[_Soft]) -> None:
+        self.counts: dict[tuple[str, str], int] = defaultdict(int)
+        self.anchors: dict[str, list[int]] = defaultdict(list)
+        for p in fixed:
+            self.add(p.source, p.target, 1)
+            self.anchors[_parent(p.source)].append(p.target.position)
+        for p in soft:
+            self.add(p.source, p.target, 1)
+
+    def add(self, s: Unit, t: Unit, n: int) -> None:
+        for a in _ancestors(s):
+            for b in _ancestors(t):
+                self.counts[a, b] += n
+
+    def score(self, s: Unit, t: Unit) -> int:
+        return sum(self.counts.get((a, b), 0) for a in _ancestors(s) for b in _ancestors(t))
+
+    def consistency(self, a: _Soft, b: _Soft, swapped: bool) -> int:
+        """Agreement of the two pairs (as they are, or swapped) with every other pairing."""
+        self.add(a.source, a.target, -1)
+        self.add(b.source, b.target, -1)
+        if swapped:
+            total = self.score(a.source, b.target) + self.score(b.source, a.target)
+        else:
+            total = self.score(a.source, a.target) + self.score(b.source, b.target)
+        self.add(a.source, a.target, 1)
+        self.add(b.source, b.target, 1)
+        return total
+
+    def anchor_distance(self, s: Unit, t: Unit) -> int:
+        return min((abs(p - t.position) for p in self.anchors.get(_parent(s), ())), default=0)
+
+
+def _swaps(soft: list[_Soft]) -> list[tuple[int, int]]:
+    """Pairs of same-shaped soft pairings, near each other in source order, whose units could trade partners."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for n in sorted(range(len(soft)), key=lambda n: soft[n].source.position):
+        groups[soft[n].source.signature].append(n)
+    out = []
+    for members in groups.values():
+        for x, a in enumerate(members):
+            for b in members[x + 1: x + 17]:
+                pa, pb = soft[a], soft[b]
+                if unit_relation(pa.source, pb.target) is not None and unit_relation(pb.source, pa.target) is not None:
+                    out.append((a, b))
+    return out
+
+
+def _repair(fixed: Sequence[Pairing], soft: list[_Soft]) -> None:
+    """Trade partners between same-shaped pairs where that puts more checkpoint siblings under one model module."""
+    structure = _Structure(fixed, soft)
+    for _ in range(3):
+        changed = False
+        for a, b in _swaps(soft):
+            pa, pb = soft[a], soft[b]
+            if structure.consistency(pa, pb, True) > structure.consistency(pa, pb, False):
+                structure.add(pa.source, pa.target, -1)
+                structure.add(pb.source, pb.target, -1)
+                pa.target, pb.target = pb.target, pa.target
+                structure.add(pa.source, pa.target, 1)
+                structure.add(pb.source, pb.target, 1)
+                changed = True
+        if not changed:
+            return
+
+
+def _undecided(fixed: Sequence[Pairing], soft: list[_Soft], file_order: bool) -> set[int]:
+    """Soft pairs whose swap with a same-shaped neighbour no evidence rules out."""
+    structure = _Structure(fixed, soft)
     out: set[int] = set()
-    for a, (i, j, _) in enumerate(aligned):
-        for b in range(a + 1, min(a + 17, len(aligned))):
-            k, l, _ = aligned[b]
-            if src[i].signature != src[k].signature or (i, l) not in gain or (k, j) not in gain:
-                continue
-            if _order_is_evidence(src[i], src[k], file_order):
-                continue
-            kept, swapped = gain[i, j] + gain[k, l], gain[i, l] + gain[k, j]
-            if kept - swapped >= AMBIGUITY_MARGIN:
-                continue
-            near = _anchor_distance(src[i], dst[j], anchors) + _anchor_distance(src[k], dst[l], anchors)
-            far = _anchor_distance(src[i], dst[l], anchors) + _anchor_distance(src[k], dst[j], anchors)
-            if near < far:
-                continue
-            out.update((a, b))
+    for a, b in _swaps(soft):
+        pa, pb = soft[a], soft[b]
+        if pa.method == pb.method == "order" and _order_is_evidence(pa.source, pb.source, file_order):
+            continue
+        kept = _gain(pa.source, pa.target) + _gain(pb.source, pb.target)
+        swapped = _gain(pa.source, pb.target) + _gain(pb.source, pa.target)
+        if kept - swapped >= AMBIGUITY_MARGIN:
+            continue
+        if structure.consistency(pa, pb, False) > structure.consistency(pa, pb, True):
+            continue
+        near = structure.anchor_distance(pa.source, pa.target) + structure.anchor_distance(pb.source, pb.target)
+        far = structure.anchor_distance(pa.source, pb.target) + structure.anchor_distance(pb.source, pa.target)
+        if near < far:
+            continue
+        out.update((a, b))
     return out
 
 
@@ -373,31 +471,37 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
     left_src = [u for u in src if id(u) not in paired]
     left_dst = [u for u in dst if id(u) not in paired]
     if left_src and left_dst:
+        soft: list[_Soft] = []
+        clean = False
         if len(left_src) * len(left_dst) <= MAX_ORDER_CELLS:
-            aligned, gain = _align(left_src, left_dst)
-            anchors: dict[str, list[int]] = defaultdict(list)
-            for p in pairings:
-                anchors[p.source.path.rpartition(".")[0]].append(p.target.position)
-            undecided = _undecided(left_src, left_dst, aligned, gain, anchors, file_order)
-            clean = len(aligned) == len(left_src) == len(left_dst)
-            for a, (i, j, g) in enumerate(aligned):
-                g = name_similarity(left_src[i].template, left_dst[j].template)
-                if a in undecided:
-                    confidence = 0.35
-                    note = "ambiguous: a same-shaped neighbour could take its place and nothing decides which"
-                else:
-                    confidence = min(0.9, 0.55 + 0.3 * g + (0.1 if clean else 0.0))
-                    note = "names differ; paired by position in the module structure and by shape"
-                pairings.append(Pairing(left_src[i], left_dst[j], "order", confidence, g, "", note))
-            taken_s, taken_d = {i for i, _, _ in aligned}, {j for _, j, _ in aligned}
-            left_src = [u for i, u in enumerate(left_src) if i not in taken_s]
-            left_dst = [u for j, u in enumerate(left_dst) if j not in taken_d]
+            # a sort by name can put one part after its sibling where the model has it before (``f.c`` < ``f.se``
+            # but conv3 follows se): a second alignment of what the first left over picks those parts up in order
+            for round_ in range(3):
+                aligned, _ = _align(left_src, left_dst)
+                if not aligned:
+                    break
+                clean = clean or (round_ == 0 and len(aligned) == len(left_src) == len(left_dst))
+                soft += [_Soft(left_src[i], left_dst[j], "order") for i, j, _ in aligned]
+                taken_s, taken_d = {i for i, _, _ in aligned}, {j for _, j, _ in aligned}
+                left_src = [u for i, u in enumerate(left_src) if i not in taken_s]
+                left_dst = [u for j, u in enumerate(left_dst) if j not in taken_d]
         else:
             notes.append(f"{len(left_src)} x {len(left_dst)} unmatched units: too many to align by order")
-        for i, j in _unique_pairs(left_src, left_dst):
-            g = name_similarity(left_src[i].template, left_dst[j].template)
-            note = "the only shape-compatible pair left"
-            pairings.append(Pairing(left_src[i], left_dst[j], "unique", 0.5 + 0.3 * g, g, "", note))
+        soft += [_Soft(left_src[i], left_dst[j], "unique") for i, j in _unique_pairs(left_src, left_dst)]
+        _repair(pairings, soft)
+        undecided = _undecided(pairings, soft, file_order)
+        for n, p in enumerate(soft):
+            g = name_similarity(p.source.template, p.target.template)
+            if n in undecided:
+                confidence = 0.35
+                note = "ambiguous: a same-shaped neighbour could take its place and nothing decides which"
+            elif p.method == "order":
+                confidence = min(0.9, 0.55 + 0.3 * g + (0.1 if clean else 0.0))
+                note = "names differ; paired by position in the module structure and by shape"
+            else:
+                confidence = 0.5 + 0.3 * g
+                note = "the only shape-compatible pair left"
+            pairings.append(Pairing(p.source, p.target, p.method, confidence, g, "", note))
         taken = {id(p.source) for p in pairings} | {id(p.target) for p in pairings}
         left_src = [u for u in left_src if id(u) not in taken]
         left_dst = [u for u in left_dst if id(u) not in taken]

@@ -181,3 +181,81 @@ CORE_PAIRS = [
          wrap=lambda sd: {"epoch": 2, "global_step": 10, "state_dict": {"model._orig_mod." + k: v for k, v in sd.items()},
                           "optimizer_states": [{"state": {}, "param_groups": []}], "hyper_parameters": {"lr": 0.1}}),
 ]
+
+
+# --- the wider corpus: more libraries and families --------------------------------------------------------------
+
+HF_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+              patch_size=8)
+
+
+def hf(config: str, model: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        return getattr(transformers, model)(getattr(transformers, config)(**kwargs))
+
+    return build
+
+
+def tv(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision.models as tvm
+
+        return getattr(tvm, name)(**kwargs)
+
+    return build
+
+
+def hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(pixel_values=x).last_hidden_state
+
+
+def hf_pooled(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(pixel_values=x).pooler_output.flatten(1)
+
+
+def tv_features_pooled(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.adaptive_avg_pool2d(m.features(x), 1).flatten(1)
+
+
+def ema_wrap(sd: dict) -> dict:
+    return {"model": sd, "model_ema": {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()},
+            "optimizer": {"state": {}, "param_groups": []}, "epoch": 7}
+
+
+CONVNEXT_T = dict(depths=(1, 1, 2, 1), dims=(8, 16, 32, 48), num_classes=0)
+
+CORPUS_PAIRS = [
+    *CORE_PAIRS,
+    Pair("hf_deit_distilled", hf("DeiTConfig", "DeiTModel", **HF_VIT), "deit_tiny_distilled_patch16_224", VIT,
+         hidden, tokens),
+    Pair("hf_dinov2", hf("Dinov2Config", "Dinov2Model", mlp_ratio=2, **HF_VIT), "vit_small_patch14_dinov2",
+         dict(VIT, init_values=1.0), hidden, tokens),
+    Pair("hf_clip_vision", hf("CLIPVisionConfig", "CLIPVisionModel", **HF_VIT), "vit_base_patch16_clip_224",
+         dict(VIT, pre_norm=True, act_layer="quick_gelu", global_pool="token"),
+         lambda m, x: m(pixel_values=x).pooler_output, pooled),
+    Pair("hf_convnext", hf("ConvNextConfig", "ConvNextModel", hidden_sizes=[8, 16, 32, 48], depths=[1, 1, 2, 1]),
+         "convnext_tiny", CONVNEXT_T, hf_pooled, pooled, input_shape=(2, 3, 64, 64)),
+    Pair("hf_convnextv2", hf("ConvNextV2Config", "ConvNextV2Model", hidden_sizes=[8, 16, 32, 48],
+                             depths=[1, 1, 2, 1]), "convnextv2_tiny", CONVNEXT_T, hf_pooled, pooled,
+         input_shape=(2, 3, 64, 64)),
+    Pair("hf_regnet_y", hf("RegNetConfig", "RegNetModel", embedding_size=32, hidden_sizes=[24, 56, 152, 368],
+                           depths=[1, 1, 4, 7], groups_width=8, layer_type="y"), "regnety_002", dict(num_classes=0),
+         hf_pooled, pooled, input_shape=(2, 3, 64, 64)),
+    Pair("tv_swin_t", tv("swin_t", num_classes=5), "swin_tiny_patch4_window7_224", dict(num_classes=0),
+         lambda m, x: m.flatten(m.avgpool(m.permute(m.norm(m.features(x))))), pooled, input_shape=(1, 3, 224, 224)),
+    Pair("tv_efficientnet_b0", tv("efficientnet_b0", num_classes=5), "efficientnet_b0", dict(num_classes=0),
+         tv_features_pooled, pooled, input_shape=(2, 3, 64, 64)),
+    Pair("tv_regnet_y_400mf", tv("regnet_y_400mf", num_classes=5), "regnety_004", dict(num_classes=0),
+         lambda m, x: m.avgpool(m.trunk_output(m.stem(x))).flatten(1), pooled, input_shape=(2, 3, 64, 64)),
+    Pair("tv_mobilenet_v2", tv("mobilenet_v2", num_classes=5), "mobilenetv2_100", dict(num_classes=0),
+         tv_features_pooled, pooled, input_shape=(2, 3, 64, 64)),
+    Pair("tv_resnet50", tv("resnet50", num_classes=5), "resnet50", dict(num_classes=5), logits, logits,
+         input_shape=(2, 3, 64, 64)),
+    Pair("tv_convnext_tiny_pth", tv("convnext_tiny", num_classes=5), "convnext_tiny", dict(num_classes=0),
+         tv_convnext_pooled, pooled, input_shape=(1, 3, 64, 64), fmt="pth"),
+    Pair("ema_training_dict", timm_source("resnet18", layers=[1, 1, 1, 1], num_classes=3), "resnet18",
+         dict(layers=[1, 1, 1, 1], num_classes=3), logits, logits, input_shape=(2, 3, 64, 64), fmt="pth",
+         wrap=ema_wrap),
+]
