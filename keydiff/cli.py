@@ -174,7 +174,55 @@ def apply_command(
     return 0
 
 
-_COMMANDS = {"diff", "apply"}
+@app.command("verify")
+def verify_command(
+    source: Annotated[str, typer.Argument(help="Source model: timm name, package.module:callable, or "
+                                               "transformers:ModelClass (built from its config).")],
+    checkpoint: Annotated[Path, typer.Argument(help="The source model's checkpoint.")],
+    target: Annotated[str, typer.Argument(help="Target model: timm name or package.module:callable.")],
+    source_arg: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "-s", "--source-arg", metavar="KEY=VALUE", help="Keyword argument for the source model or its config.")] = None,
+    model_arg: ModelArgs = None,
+    mapping: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--mapping", help="Use this saved mapping instead of proposing one.")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--input-shape", help="Input shape, e.g. 2,3,224,224 (default: from the target's data config).")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest relative difference that passes.")] = 1e-4,
+    key: ContainerKey = None,
+    unsafe_pickle: UnsafePickle = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> int:
+    """Prove a conversion: run the source model and the converted target on the same random input."""
+    from keydiff._diff import diff
+    from keydiff._mapping import load_mapping
+    from keydiff._model import parse_model_args
+    from keydiff._verify import build_source, verify
+
+    _warn_unsafe(unsafe_pickle)
+    shape = None
+    if input_shape:
+        try:
+            shape = tuple(int(d) for d in input_shape.split(","))
+        except ValueError:
+            raise UsageError(f"--input-shape {input_shape!r} is not a list of integers like 2,3,224,224") from None
+    target_args = parse_model_args(model_arg or [])
+    d = diff(target, checkpoint, key=key, unsafe_pickle=unsafe_pickle, **target_args)
+    km = load_mapping(mapping) if mapping else d.mapping
+    console = _console(quiet)
+    if not km.complete and mapping is None:
+        console.print(f"[red]not verified: {len(km.missing)} target keys are unresolved; run keydiff {target} "
+                      f"{checkpoint} to see why[/red]")
+        return 1
+    state = dict(d.source.tensors(list(d.checkpoint)))
+    src_model = build_source(source, parse_model_args(source_arg or []))
+    tgt_model = build_source(target, target_args)
+    result = verify(src_model, state, tgt_model, km, input_shape=shape, tolerance=tolerance)
+    console.print(result)
+    return 0 if result.ok else 1
+
+
+_COMMANDS = {"diff", "apply", "verify"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,8 +87,9 @@ def _leftovers(title: str, groups: list, budget: int, style: str) -> Iterator[Re
 def next_step(d: Diff) -> str:
     """What to do now, in one line."""
     if d.ok:
-        return "Next: add -o converted.safetensors to write a checkpoint that loads with strict=True " \
-               "(--json map.json saves the mapping)."
+        return ("Next: add -o converted.safetensors to write a checkpoint that loads with strict=True (--json map.json "
+                "saves the mapping). Checked: names, shapes, structure; not checked: that the converted model computes "
+                "the same function: `keydiff verify SOURCE_MODEL CKPT TARGET_MODEL` runs both.")
     weak = [m for m in d.mapping.missing if m.reason.startswith("proposed")]
     if weak:
         return (f"Next: {len(weak)} unresolved keys have weaker proposals; check them and lower --min-confidence, "

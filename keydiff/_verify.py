@@ -1,0 +1,189 @@
+"""Proof by computation: run the source model and the converted target on the same random input and compare.
+
+Names and shapes show that a conversion loads; only running both models shows that it computes the same function.
+``verify`` builds the source model (a timm name, ``package.module:callable``, or ``transformers:ModelClass`` built
+from its config class), loads the checkpoint into it, converts the checkpoint with keydiff's mapping, loads the
+result into the target, and compares every output of the source with the target's outputs of the same shape.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from keydiff._errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from keydiff._mapping import KeyMap
+
+__all__ = ["OutputCheck", "Verification", "build_source", "verify"]
+
+DEFAULT_TOLERANCE = 1e-4
+"""Largest relative difference (max abs diff / max abs value) that counts as the same output."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputCheck:
+    """One source output and its closest target output."""
+
+    source: str
+    shape: tuple[int, ...]
+    target: str
+    max_abs_diff: float | None
+    rel_diff: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """The result of running both models."""
+
+    checks: tuple[OutputCheck, ...]
+    input_shape: tuple[int, ...]
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        """True when some source output is reproduced by the target within the tolerance."""
+        return any(c.rel_diff is not None and c.rel_diff <= self.tolerance for c in self.checks)
+
+    def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=f"Outputs on a random input {list(self.input_shape)}", title_justify="left")
+        for col in ("source output", "shape", "target output", "max abs diff", "rel. diff"):
+            table.add_column(col)
+        for c in self.checks:
+            same = c.rel_diff is not None and c.rel_diff <= self.tolerance
+            table.add_row(c.source, str(list(c.shape)), c.target or "(no output of this shape)",
+                          "" if c.max_abs_diff is None else f"{c.max_abs_diff:.3g}",
+                          Text("" if c.rel_diff is None else f"{c.rel_diff:.2e}", style="green" if same else "red"))
+        yield table
+        if self.ok:
+            yield Text(f"✓ verified: the converted model reproduces the source model (relative difference ≤ "
+                       f"{self.tolerance:g})", style="bold green")
+        else:
+            yield Text("✗ not verified: no source output is reproduced by the converted model", style="bold red")
+
+
+def build_source(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """Build a source model with its own (random) weights, on the CPU.
+
+    Args:
+        spec: a timm model name, ``package.module:callable``, or ``transformers:ModelClass`` (built from the
+            class's config with ``kwargs``).
+        kwargs: keyword arguments for the factory, or the transformers config.
+    """
+    if spec.startswith("transformers:"):
+        try:
+            import transformers
+
+            cls = getattr(transformers, spec.partition(":")[2])
+            return cls(cls.config_class(**kwargs)).eval()
+        except (ImportError, AttributeError, TypeError, ValueError) as exc:
+            raise ModelError(f"cannot build {spec}: {exc}") from exc
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+            return factory(**kwargs).eval()
+        except Exception as exc:  # noqa: BLE001 - the user's model code may raise anything
+            raise ModelError(f"cannot build {spec}: {type(exc).__name__}: {exc}") from exc
+    import timm
+
+    if not timm.is_model(spec):
+        raise ModelError(f"unknown timm model {spec!r}")
+    return timm.create_model(spec, pretrained=False, **kwargs).eval()
+
+
+def _call(model: nn.Module, x: torch.Tensor) -> Any:
+    params = inspect.signature(model.forward).parameters
+    return model(pixel_values=x) if "pixel_values" in params else model(x)
+
+
+def _tensors(out: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        yield name, out
+    elif isinstance(out, Mapping):
+        for k, v in out.items():
+            yield from _tensors(v, f"{name}.{k}" if name else str(k))
+    elif isinstance(out, (tuple, list)):
+        for i, v in enumerate(out):
+            yield from _tensors(v, f"{name}[{i}]")
+
+
+def _target_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    outs: dict[str, torch.Tensor] = {}
+    for name, tensor in _tensors(_call(model, x), "forward"):
+        outs[name] = tensor
+    if hasattr(model, "forward_features"):
+        feats = model.forward_features(x)
+        for name, tensor in _tensors(feats, "forward_features"):
+            outs[name] = tensor
+        if hasattr(model, "forward_head") and not isinstance(feats, (tuple, list, dict)):
+            outs["forward_head(pre_logits=True)"] = model.forward_head(feats, pre_logits=True)
+            if feats.dim() == 3:
+                outs["forward_features[:, 0]"] = feats[:, 0]
+    return outs
+
+
+def input_shape_for(model: nn.Module) -> tuple[int, ...]:
+    """(2, C, H, W) from a timm model's data config, else (2, 3, 224, 224)."""
+    try:
+        from timm.data import resolve_data_config
+
+        c, h, w = resolve_data_config({}, model=model)["input_size"]
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if size:
+            h, w = size
+        return (2, c, h, w)
+    except Exception:  # noqa: BLE001 - not a timm model: fall back to the common image shape
+        return (2, 3, 224, 224)
+
+
+def verify(source: nn.Module, state_dict: Mapping[str, torch.Tensor], target: nn.Module, mapping: KeyMap, *,
+           input_shape: tuple[int, ...] | None = None, tolerance: float = DEFAULT_TOLERANCE,
+           seed: int = 0) -> Verification:
+    """Load ``state_dict`` into ``source``, its conversion into ``target``, and compare their outputs.
+
+    Raises:
+        ModelError: the checkpoint does not load strictly into the source, or the conversion into the target.
+    """
+    import torch
+
+    try:
+        source.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"the checkpoint does not load into the source model: {str(exc).splitlines()[0]}") from exc
+    try:
+        target.load_state_dict(mapping.apply(state_dict), strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"the converted checkpoint does not load into the target: {str(exc).splitlines()[0]}") from exc
+    shape = tuple(input_shape or input_shape_for(target))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        src_out = list(_tensors(_call(source.eval(), x), "output"))
+        dst_out = _target_outputs(target.eval(), x)
+    checks = []
+    for name, a in src_out:
+        if not a.is_floating_point():
+            continue
+        best: tuple[float, float, str] | None = None
+        for tname, b in dst_out.items():
+            if b.shape != a.shape:
+                continue
+            diff = (a - b).abs().max().item()
+            rel = diff / max(a.abs().max().item(), 1e-12)
+            if best is None or rel < best[0]:
+                best = (rel, diff, tname)
+        checks.append(OutputCheck(name, tuple(a.shape), best[2] if best else "", best[1] if best else None,
+                                  best[0] if best else None))
+    return Verification(tuple(checks), shape, tolerance)
