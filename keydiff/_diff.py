@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from keydiff._diagnose import Diagnosis, diagnose
@@ -90,6 +90,31 @@ class Diff:
     def tensor(self, key: str) -> torch.Tensor:
         """Load one checkpoint tensor (by its stored name)."""
         return self.source.tensor(key)
+
+    def stats(self, *, progress: bool | None = None) -> pd.DataFrame:
+        """Per-tensor statistics of the checkpoint, one tensor at a time (see ``keydiff.stats``)."""
+        from keydiff._values import tensor_stats
+
+        return tensor_stats(self.source, self.checkpoint, progress=progress)
+
+    def to_markdown(self, *, show_exact: bool = False) -> str:
+        """The report as GitHub-flavoured markdown, to paste into an issue."""
+        from keydiff._render import _markdown, _rich
+
+        return _markdown.render_markdown(_rich.render_diff(self, show_exact=show_exact))
+
+    def to_html(self, *, show_exact: bool = False) -> str:
+        """The report as one standalone HTML file (no network assets)."""
+        from keydiff._render import _html, _rich
+
+        return _html.render_html(_rich.render_diff(self, show_exact=show_exact))
+
+    def to_python(self) -> str:
+        """The mapping as a self-contained ``checkpoint_filter_fn(state_dict, model=None)`` that needs only torch."""
+        from keydiff import __version__
+        from keydiff._render._python import emit_python
+
+        return emit_python(self.mapping, version=__version__)
 
     def apply(self, *, partial: bool = False) -> dict[str, torch.Tensor]:
         """The converted state dict, ready for ``model.load_state_dict(sd, strict=True)``.
@@ -271,6 +296,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     pairings, _, _, notes = match_units(src_units, dst_units, file_order=checkpoint.order_is_evidence)
     for p in pairings:
         entries.extend(_entries(p, to_raw))
+    entries = _transpose_convention(entries, norm_keys, to_model)
     order_of = {k: i for i, k in enumerate(model)}
     entries.sort(key=lambda e: order_of[e.target])
     applied = tuple(e for e in entries if e.confidence >= min_confidence)
@@ -305,6 +331,37 @@ def _entries(p: Pairing, to_raw: Mapping[str, str]) -> list[Entry]:
             out.append(Entry(source=(to_raw[sl.keys[0]],), target=tl.keys[0], op=Op(kind=kind),
                              confidence=p.confidence * (0.8 if rel == "transpose" else 1.0),
                              evidence=Evidence(shape=rel, **ev), source_shapes=(sl.shape,), target_shape=tl.shape))
+    return out
+
+
+def _transpose_convention(entries: list[Entry], keys: KeySet, to_model: Mapping[str, str]) -> list[Entry]:
+    """Square linear weights cannot show a transpose; their non-square siblings can.
+
+    Among matched 2-D weights of linear-like units (a weight with a bias beside it), if every non-square one needed
+    a transpose (GPT-2's ``Conv1D`` stores ``[in, out]``), the square ones are transposed too; if only some did,
+    the square ones are ambiguous and their confidence says so.
+    """
+    def linear_weight(e: Entry) -> bool:
+        key = to_model.get(e.source[0], e.source[0])
+        return (len(e.source) == 1 and e.evidence.method not in ("exact", "prefix") and len(e.target_shape) == 2
+                and key.endswith(".weight") and key[: -len("weight")] + "bias" in keys)
+
+    linear = [e for e in entries if linear_weight(e)]
+    non_square = [e for e in linear if e.target_shape[0] != e.target_shape[1]]
+    transposed = [e for e in non_square if e.op.kind == "transpose"]
+    if not transposed:
+        return entries
+    everyone = len(transposed) == len(non_square) and len(transposed) >= 2
+    out = []
+    for e in entries:
+        if e in linear and e.target_shape[0] == e.target_shape[1] and e.op.kind == "rename":
+            if everyone:
+                note = "transposed like every non-square linear weight of this checkpoint ([in, out] storage)"
+                e = replace(e, op=Op(kind="transpose"), evidence=replace(e.evidence, shape="transpose", note=note))
+            else:
+                note = "ambiguous: some linear weights of this checkpoint are stored transposed, some not"
+                e = replace(e, confidence=min(e.confidence, 0.4), evidence=replace(e.evidence, note=note))
+        out.append(e)
     return out
 
 

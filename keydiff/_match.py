@@ -217,12 +217,13 @@ def _cluster_quality(pairs: list[tuple[Unit, Unit]]) -> float | None:
     return quality
 
 
-def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> list[Pairing]:
+def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> tuple[list[Pairing], list[Unit]]:
     import numpy as np
     from scipy.optimize import linear_sum_assignment
 
     if not src or not dst:
-        return []
+        return [], []
+    reserved: list[Unit] = []
     by_sig: dict[tuple, list[int]] = defaultdict(list)
     for j, c in enumerate(dst):
         by_sig[c.units[0].signature].append(j)
@@ -243,7 +244,7 @@ def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> list[Pairing]:
             if coverage < 1 and names[i, j] < STRONG_NAME:
                 score[i, j] = -1.0
     rows, cols = linear_sum_assignment(np.where(score < 0, 0.0, score + 1.0), maximize=True)
-    pairings = []
+    pairings: list[Pairing] = []
     for i, j in zip(rows, cols, strict=True):
         s = score[i, j]
         if s < 0:
@@ -259,7 +260,10 @@ def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> list[Pairing]:
             note = f"index sets differ: {len(src[i].units)} in the checkpoint, {len(dst[j].units)} in the model"
         for su, tu in members[i, j]:
             pairings.append(Pairing(su, tu, "cluster", confidence, float(names[i, j]), label, note))
-    return pairings
+        # the rest of a partially paired cluster belongs to its partner: no other tensor may fill those slots
+        reserved.extend(u for u in (*src[i].units, *dst[j].units) if all(u is not x for pair in members[i, j]
+                                                                            for x in pair))
+    return pairings, reserved
 
 
 # ------------------------------------------------------------------------------------------------------ order
@@ -466,8 +470,8 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
     notes: list[str] = []
     src, dst = apply_fusions(src, dst)
     src_clusters, dst_clusters = build_clusters(src), build_clusters(dst)
-    pairings = _match_clusters(src_clusters, dst_clusters)
-    paired = {id(p.source) for p in pairings} | {id(p.target) for p in pairings}
+    pairings, reserved = _match_clusters(src_clusters, dst_clusters)
+    paired = {id(p.source) for p in pairings} | {id(p.target) for p in pairings} | {id(u) for u in reserved}
     left_src = [u for u in src if id(u) not in paired]
     left_dst = [u for u in dst if id(u) not in paired]
     if left_src and left_dst:

@@ -13,6 +13,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from keydiff._conventions import BLOCK_STEMS, NOISE, canonical_token, split_leaf
 from keydiff._keys import KeySet, format_indices, natural_key
@@ -116,30 +117,45 @@ def structural_order(keys: Iterable[str]) -> list[str]:
     order that ``nn.Module.state_dict`` uses, except that siblings are sorted by name.
     """
 
+    # tokens repeat across keys (``layers``, ``0``..``63``, ``experts``): sort each token's key once
+    token_keys: dict[str, tuple[tuple[int, int | str], ...]] = {}
+
     def sort_key(key: str) -> tuple:
         tokens = key.split(".")
-        return tuple((i < len(tokens) - 1, natural_key(t)) for i, t in enumerate(tokens))
+        last = len(tokens) - 1
+        out = []
+        for i, t in enumerate(tokens):
+            nk = token_keys.get(t)
+            if nk is None:
+                nk = token_keys[t] = natural_key(t)
+            out.append((i < last, nk))
+        return tuple(out)
 
     return sorted(keys, key=sort_key)
 
 
+@lru_cache(maxsize=1 << 18)
 def _template(path: str) -> tuple[str, tuple[int, ...]]:
-    """Abstract the repeat indices of a module path."""
+    """Abstract the repeat indices of a module path (memoised: rules and reports ask for the same paths again)."""
     out: list[str] = []
     indices: list[int] = []
     for token in path.split("."):
-        if token.isdigit():
-            out.append(SLOT)
-            indices.append(int(token))
-            continue
-        m = _IN_TOKEN.fullmatch(token)
-        if m and m.group(1).lower().rstrip("_") in BLOCK_STEMS:
-            nums = [m.group(3), *filter(None, m.group(4).split("-"))]
-            out.append(m.group(1) + m.group(2) + "-".join(SLOT for _ in nums))
-            indices.extend(int(n) for n in nums)
-            continue
-        out.append(token)
+        piece, ix = _token_template(token)
+        out.append(piece)
+        if ix:
+            indices.extend(ix)
     return ".".join(out), tuple(indices)
+
+
+@lru_cache(maxsize=1 << 16)
+def _token_template(token: str) -> tuple[str, tuple[int, ...]]:
+    if token.isdigit():
+        return SLOT, (int(token),)
+    m = _IN_TOKEN.fullmatch(token)
+    if m and m.group(1).lower().rstrip("_") in BLOCK_STEMS:
+        nums = [m.group(3), *filter(None, m.group(4).split("-"))]
+        return m.group(1) + m.group(2) + "-".join(SLOT for _ in nums), tuple(int(n) for n in nums)
+    return token, ()
 
 
 def _fix_parts(template: str, members: list[tuple[str, tuple[int, ...]]],
@@ -218,6 +234,7 @@ def build_clusters(units: Iterable[Unit]) -> list[Cluster]:
     return sorted(clusters, key=lambda c: (natural_key(c.template), c.leaf_names))
 
 
+@lru_cache(maxsize=1 << 14)
 def name_tokens(template: str) -> tuple[str, ...]:
     """Canonical tokens of a template, slots and location-only tokens left out; the last one names the part."""
     out: list[str] = []
