@@ -12,6 +12,7 @@ import re
 
 __all__ = [
     "BLOCK_STEMS",
+    "EXPERT_STEMS",
     "FUSIONS",
     "LEAVES",
     "NOISE",
@@ -24,6 +25,10 @@ BLOCK_STEMS = frozenset(
     "layer layers block blocks stage stages encoder_layer decoder_layer resblock resblocks level levels res "
     "cell cells group groups stack stacks expert experts".split()
 )
+
+# Tokens under which one library keeps a tensor per expert (``experts.7.w1``) and another one tensor stacked over
+# experts (``experts.gate_up_proj`` [E, 2I, D]), as transformers v5 packs mixture-of-experts weights.
+EXPERT_STEMS = frozenset({"experts", "expert"})
 
 # Tokens that only say where a module sits, not what it is; they are left out of name similarity.
 NOISE = frozenset(
@@ -59,6 +64,7 @@ _SYNONYMS: dict[str, tuple[str, ...]] = {
     "fc1": ("fc1", "c_fc", "lin1", "fc_1"),
     "fc2": ("fc2", "lin2", "fc_2"),
     "gate": ("gate_proj", "w1", "gate"),
+    "gate_up": ("gate_up_proj", "gate_up", "w13"),
     "up": ("up_proj", "w3", "up"),
     "down": ("down_proj", "w2", "down"),
     "cls_token": ("cls_token", "class_token", "class_embedding", "cls_embedding", "cls_emb"),
@@ -87,6 +93,7 @@ _IN_CONTEXT = {
     ("mlp", "c_proj"): "fc2", ("mlp", "dense"): "fc2", ("mlp", "proj"): "fc2", ("mlp", "out"): "fc2",
     ("attn", "c_proj"): "out", ("attn", "proj"): "out", ("attn", "dense"): "out", ("attn", "output"): "out",
     ("intermediate", "dense"): "fc1", ("output", "dense"): "fc2",
+    ("mlp", "gate"): "router",  # a mixture-of-experts router, not a gate projection
     ("", "output"): "head",  # Meta's original LLM names call the LM head ``output``
 }
 

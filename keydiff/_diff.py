@@ -311,7 +311,15 @@ def _entries(p: Pairing, to_raw: Mapping[str, str]) -> list[Entry]:
     out = []
     for i, (sl, tl) in enumerate(zip(p.source.leaves, p.target.leaves, strict=True)):
         ev = dict(method=p.method, name_score=p.name_score, cluster=p.cluster, note=p.note)
-        if p.target.parts:
+        if p.target.stack:
+            out.extend(_unstack_entries(p, i, sl, to_raw, ev))
+        elif p.source.stack:
+            sizes, rest = _stack_layout(p.source, i)
+            shapes = tuple((sizes[j % len(sizes)], *rest) for j in range(len(sl.keys)))
+            out.append(Entry(source=tuple(to_raw[k] for k in sl.keys), target=tl.keys[0],
+                             op=Op(kind="stack", dim=0, sizes=sizes), confidence=p.confidence,
+                             evidence=Evidence(shape="stacked", **ev), source_shapes=shapes, target_shape=tl.shape))
+        elif p.target.parts:
             sizes = tuple(part.leaves[i].shape[0] for part in p.target.parts)
             for j, part in enumerate(p.target.parts):
                 pl = part.leaves[i]
@@ -331,6 +339,27 @@ def _entries(p: Pairing, to_raw: Mapping[str, str]) -> list[Entry]:
             out.append(Entry(source=(to_raw[sl.keys[0]],), target=tl.keys[0], op=Op(kind=kind),
                              confidence=p.confidence * (0.8 if rel == "transpose" else 1.0),
                              evidence=Evidence(shape=rel, **ev), source_shapes=(sl.shape,), target_shape=tl.shape))
+    return out
+
+
+def _stack_layout(unit: Unit, i: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Of leaf ``i`` of a stacked unit: each expert's part sizes along dim 0, and the shape after that dim."""
+    if unit.parts and unit.parts[0].stack:  # fused over stacked parts (gate + up): each part is itself stacked
+        return tuple(part.leaves[i].shape[1] for part in unit.parts), unit.parts[0].leaves[i].shape[2:]
+    leaf = unit.leaves[i]
+    return (leaf.shape[1],), leaf.shape[2:]
+
+
+def _unstack_entries(p: Pairing, i: int, sl: Any, to_raw: Mapping[str, str], ev: dict) -> list[Entry]:
+    sizes, rest = _stack_layout(p.target, i)
+    tl = p.target.leaves[i]
+    n = len(sizes)
+    out = []
+    for j, key in enumerate(tl.keys):
+        shape = (sizes[j % n], *rest)
+        out.append(Entry(source=(to_raw[sl.keys[0]],), target=key, op=Op(kind="unstack", dim=0, index=j, sizes=sizes),
+                         confidence=p.confidence, evidence=Evidence(shape="unstacked", **ev),
+                         source_shapes=(sl.shape,), target_shape=shape))
     return out
 
 

@@ -218,8 +218,13 @@ class KeyMap:
         entries: list[Entry] = []
         splits: dict[str, list[Entry]] = defaultdict(list)
         for e in self.entries:
-            if e.op.kind == "split":
+            if e.op.kind in ("split", "unstack"):
                 splits[e.source[0]].append(e)
+                continue
+            if e.op.kind == "stack":
+                for i, (key, shape) in enumerate(zip(e.source, e.source_shapes, strict=True)):
+                    op = Op(kind="unstack", dim=e.op.dim, index=i, sizes=e.op.sizes)
+                    entries.append(_flip(e, (e.target,), key, op, (e.target_shape,), shape))
                 continue
             if e.op.kind == "concat":
                 sizes = tuple(s[e.op.dim] for s in e.source_shapes)
@@ -231,7 +236,8 @@ class KeyMap:
             entries.append(_flip(e, (e.target,), e.source[0], Op(kind=kind), (e.target_shape,), e.source_shapes[0]))
         for key, parts in splits.items():
             parts.sort(key=lambda e: e.op.index)
-            op = Op(kind="concat", dim=parts[0].op.dim, sizes=parts[0].op.sizes)
+            kind = "stack" if parts[0].op.kind == "unstack" else "concat"
+            op = Op(kind=kind, dim=parts[0].op.dim, sizes=parts[0].op.sizes)
             sources = tuple(p.target for p in parts)
             entries.append(_flip(parts[0], sources, key, op, tuple(p.target_shape for p in parts),
                                  parts[0].source_shapes[0]))
@@ -437,8 +443,15 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _check_numel(op: Op, source_shapes: tuple[tuple[int, ...], ...], target: tuple[int, ...], where: str) -> None:
     """An op must preserve the element count; a mapping that does not is malformed, not merely wrong."""
-    if op.kind == "concat":
-        ok = sum(_numel(s) for s in source_shapes) == _numel(target)
+    if op.kind in ("concat", "stack"):
+        ok = sum(_numel(s) for s in source_shapes) == _numel(target) and bool(op.sizes)
+        ok = ok and (op.kind == "concat" or len(source_shapes) % len(op.sizes) == 0)
+    elif op.kind == "unstack":
+        src = source_shapes[0]
+        ok = (len(source_shapes) == 1 and len(src) >= 2 and bool(op.sizes)
+              and 0 <= op.index < src[0] * len(op.sizes) and 0 <= op.dim < len(src) - 1
+              and sum(op.sizes) == src[op.dim + 1]
+              and _numel(src[1:]) // max(src[op.dim + 1], 1) * op.sizes[op.index % len(op.sizes)] == _numel(target))
     elif op.kind == "split":
         src = source_shapes[0]
         ok = (0 <= op.dim < len(src) and sum(op.sizes) == src[op.dim]

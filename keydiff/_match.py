@@ -21,8 +21,8 @@ from functools import lru_cache
 
 from rapidfuzz import fuzz
 
-from keydiff._conventions import FUSIONS
-from keydiff._patterns import SLOT, Cluster, Leaf, Unit, build_clusters, name_tokens
+from keydiff._conventions import EXPERT_STEMS, FUSIONS
+from keydiff._patterns import SLOT, Cluster, Leaf, Unit, _template, build_clusters, name_tokens
 
 __all__ = ["AMBIGUITY_MARGIN", "Pairing", "match_units", "name_similarity", "shape_relation"]
 
@@ -154,21 +154,83 @@ def _fuse(units: list[Unit], fused: str, parts: tuple[str, ...]) -> list[Unit]:
             continue
         members = [found[p] for p in parts]
         names = {tuple(lf.name for lf in m.leaves) for m in members}
-        trailing = {tuple(lf.shape[1:] for lf in m.leaves) for m in members}
+        trailing = {tuple(lf.shape[2:] if m.stack else lf.shape[1:] for lf in m.leaves) for m in members}
         if len(names) != 1 or len(trailing) != 1 or any(not lf.shape for m in members for lf in m.leaves):
             continue
-        leaves = tuple(
-            Leaf(lf.name, tuple(m.leaves[i].keys[0] for m in members),
-                 (sum(m.leaves[i].shape[0] for m in members), *lf.shape[1:]), lf.dtype)
-            for i, lf in enumerate(members[0].leaves)
-        )
+        stack = members[0].stack
+        if stack:
+            # stacked parts concatenate inside each expert: keys interleave expert by expert (g0, u0, g1, u1...)
+            leaves = tuple(
+                Leaf(lf.name, tuple(m.leaves[i].keys[e] for e in range(stack) for m in members),
+                     (stack, sum(m.leaves[i].shape[1] for m in members), *lf.shape[2:]), lf.dtype)
+                for i, lf in enumerate(members[0].leaves)
+            )
+        else:
+            leaves = tuple(
+                Leaf(lf.name, tuple(m.leaves[i].keys[0] for m in members),
+                     (sum(m.leaves[i].shape[0] for m in members), *lf.shape[1:]), lf.dtype)
+                for i, lf in enumerate(members[0].leaves)
+            )
         tpl = members[0].template.rpartition(".")[0] + "." + fused
         path = f"{parent}.{{{','.join(m.path.rpartition('.')[2] for m in members)}}}"
         virtual.append(Unit(path=path, leaves=leaves, template=tpl, indices=members[0].indices,
-                            position=min(m.position for m in members), parts=tuple(members)))
+                            position=min(m.position for m in members), parts=tuple(members), stack=stack))
         consumed.update(m.path for m in members)
     kept = [u for u in units if u.path not in consumed]
     return sorted(kept + virtual, key=lambda u: u.position)
+
+
+def _expert_split(path: str) -> tuple[str, int, str] | None:
+    """``a.experts.7.w1`` -> ``("a.experts", 7, "w1")``; None for a path without a per-expert index."""
+    tokens = path.split(".")
+    for n in range(len(tokens) - 2):
+        if tokens[n].lower() in EXPERT_STEMS and tokens[n + 1].isdigit():
+            return ".".join(tokens[: n + 1]), int(tokens[n + 1]), ".".join(tokens[n + 2:])
+    return None
+
+
+def _packs_experts(units: list[Unit]) -> bool:
+    """Whether a side keeps tensors stacked over experts (``experts.gate_up_proj``)."""
+    for u in units:
+        tokens = u.path.split(".")
+        if len(tokens) >= 2 and tokens[-2].lower() in EXPERT_STEMS and not tokens[-1].isdigit():
+            return True
+    return False
+
+
+def _stack(units: list[Unit]) -> list[Unit]:
+    """Replace each complete run of per-expert units (``experts.{0..E-1}.w1``) by one virtual unit stacking them."""
+    groups: dict[tuple[str, str], dict[int, Unit]] = defaultdict(dict)
+    for u in units:
+        split = _expert_split(u.path)
+        if split:
+            groups[split[0], split[2]][split[1]] = u
+    consumed: set[int] = set()
+    virtual: list[Unit] = []
+    for (parent, part), members in groups.items():
+        order = sorted(members)
+        if order != list(range(len(order))) or len(order) < 2:
+            continue
+        ms = [members[e] for e in order]
+        if len({tuple((lf.name, lf.shape) for lf in m.leaves) for m in ms}) != 1:
+            continue
+        path = f"{parent}.{part}"
+        tpl, ix = _template(path)
+        leaves = tuple(Leaf(lf.name, tuple(m.leaves[i].keys[0] for m in ms), (len(ms), *lf.shape), lf.dtype)
+                       for i, lf in enumerate(ms[0].leaves))
+        virtual.append(Unit(path=path, leaves=leaves, template=tpl, indices=ix,
+                            position=min(m.position for m in ms), parts=tuple(ms), stack=len(ms)))
+        consumed.update(id(m) for m in ms)
+    return sorted([u for u in units if id(u) not in consumed] + virtual, key=lambda u: u.position)
+
+
+def apply_stacking(src: list[Unit], dst: list[Unit]) -> tuple[list[Unit], list[Unit]]:
+    """Stack per-expert tensors on whichever side keeps them apart while the other side packs them."""
+    if _packs_experts(dst) and not _packs_experts(src):
+        return _stack(src), dst
+    if _packs_experts(src) and not _packs_experts(dst):
+        return src, _stack(dst)
+    return src, dst
 
 
 def apply_fusions(src: list[Unit], dst: list[Unit]) -> tuple[list[Unit], list[Unit]]:
@@ -261,8 +323,8 @@ def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> tuple[list[Pairin
         for su, tu in members[i, j]:
             pairings.append(Pairing(su, tu, "cluster", confidence, float(names[i, j]), label, note))
         # the rest of a partially paired cluster belongs to its partner: no other tensor may fill those slots
-        reserved.extend(u for u in (*src[i].units, *dst[j].units) if all(u is not x for pair in members[i, j]
-                                                                            for x in pair))
+        paired = {id(x) for pair in members[i, j] for x in pair}
+        reserved.extend(u for u in (*src[i].units, *dst[j].units) if id(u) not in paired)
     return pairings, reserved
 
 
@@ -468,6 +530,7 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
         ``(pairings, unpaired checkpoint units, unpaired model units, notes)``.
     """
     notes: list[str] = []
+    src, dst = apply_stacking(src, dst)
     src, dst = apply_fusions(src, dst)
     src_clusters, dst_clusters = build_clusters(src), build_clusters(dst)
     pairings, reserved = _match_clusters(src_clusters, dst_clusters)

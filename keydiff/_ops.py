@@ -1,4 +1,8 @@
-"""Tensor operations a mapping entry applies: rename, reshape, transpose, concat, split.
+"""Tensor operations a mapping entry applies: rename, reshape, transpose, concat, split, stack, unstack.
+
+``stack`` builds a tensor packed over experts from per-expert tensors (each element the concatenation of ``sizes``
+parts along ``dim``); ``unstack`` takes part ``index`` (expert ``index // len(sizes)``, part ``index % len(sizes)``)
+back out of one.
 
 An op is a value: it describes itself, serialises to JSON, and applies to tensors. ``out_shape`` lets the planner
 know the result's shape before any tensor is read.
@@ -17,8 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["OP_KINDS", "Op", "OpKind"]
 
-OpKind = Literal["rename", "reshape", "transpose", "concat", "split"]
-OP_KINDS: tuple[str, ...] = ("rename", "reshape", "transpose", "concat", "split")
+OpKind = Literal["rename", "reshape", "transpose", "concat", "split", "stack", "unstack"]
+OP_KINDS: tuple[str, ...] = ("rename", "reshape", "transpose", "concat", "split", "stack", "unstack")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,13 +35,13 @@ class Op:
     """
 
     kind: OpKind
-    """One of ``rename reshape transpose concat split``."""
+    """One of ``rename reshape transpose concat split stack unstack``."""
     dim: int = 0
-    """Dimension concatenated or split along."""
+    """Dimension concatenated or split along (within each expert, for ``stack``/``unstack``)."""
     index: int = 0
-    """For ``split``: which part this target is."""
+    """For ``split`` and ``unstack``: which part this target is."""
     sizes: tuple[int, ...] = ()
-    """For ``split`` and ``concat``: size of each part along ``dim``."""
+    """For ``split``, ``concat``, ``stack``, ``unstack``: size of each part along ``dim``."""
 
     def describe(self) -> str:
         """A short human description."""
@@ -45,6 +49,11 @@ class Op:
             return f"split dim {self.dim} into {self.sizes}, part {self.index}"
         if self.kind == "concat":
             return f"concat {len(self.sizes)} along dim {self.dim}"
+        if self.kind == "stack":
+            return "stack experts" + (f" (concat {len(self.sizes)} each)" if len(self.sizes) > 1 else "")
+        if self.kind == "unstack":
+            n = len(self.sizes)
+            return f"unstack expert {self.index // n}" + (f", part {self.index % n}" if n > 1 else "")
         return self.kind
 
     def apply(self, tensors: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
@@ -53,6 +62,12 @@ class Op:
 
         if self.kind == "concat":
             out = torch.cat(list(tensors), self.dim)
+        elif self.kind == "stack":
+            n = len(self.sizes)
+            out = torch.stack([torch.cat(list(tensors[i: i + n]), self.dim) for i in range(0, len(tensors), n)])
+        elif self.kind == "unstack":
+            n = len(self.sizes)
+            out = tensors[0][self.index // n].split(list(self.sizes), self.dim)[self.index % n]
         elif self.kind == "split":
             out = tensors[0].split(list(self.sizes), self.dim)[self.index]
         elif self.kind == "transpose":
@@ -64,9 +79,9 @@ class Op:
     def to_json(self) -> dict[str, Any]:
         """JSON form: ``{"kind": ...}`` plus the fields the kind uses."""
         out: dict[str, Any] = {"kind": self.kind}
-        if self.kind in ("concat", "split"):
+        if self.kind in ("concat", "split", "stack", "unstack"):
             out.update(dim=self.dim, sizes=list(self.sizes))
-        if self.kind == "split":
+        if self.kind in ("split", "unstack"):
             out["index"] = self.index
         return out
 

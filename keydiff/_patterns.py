@@ -61,7 +61,9 @@ class Unit:
     position: int
     """Rank in the side's structural order."""
     parts: tuple[Unit, ...] = ()
-    """For a virtual fused unit: the units it concatenates, in order."""
+    """For a virtual fused or stacked unit: the units it concatenates (or stacks), in order."""
+    stack: int = 0
+    """For a virtual stacked unit: how many per-expert units it stacks along a new first dimension."""
 
     @property
     def signature(self) -> tuple[tuple[str, int], ...]:
