@@ -25,6 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 def main() -> int:
     import keydiff
+
     from pairs import CORPUS_PAIRS, max_rel_diff, write_source
     from test_corpus import NEGATIVE
 

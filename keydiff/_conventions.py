@@ -22,8 +22,11 @@ __all__ = [
 
 # Tokens that carry a repeat index when digits are glued to them (``encoder_layer_3``, ``layer1``, ``blocks3``).
 BLOCK_STEMS = frozenset(
-    "layer layers block blocks stage stages encoder_layer decoder_layer resblock resblocks level levels res "
-    "cell cells group groups stack stacks expert experts".split()
+    [
+        "layer", "layers", "block", "blocks", "stage", "stages", "encoder_layer", "decoder_layer", "resblock",
+        "resblocks", "level", "levels", "res", "cell", "cells", "group", "groups", "stack", "stacks", "expert",
+        "experts",
+    ]
 )
 
 # Tokens under which one library keeps a tensor per expert (``experts.7.w1``) and another one tensor stacked over
@@ -32,8 +35,10 @@ EXPERT_STEMS = frozenset({"experts", "expert"})
 
 # Tokens that only say where a module sits, not what it is; they are left out of name similarity.
 NOISE = frozenset(
-    "model module models encoder decoder backbone transformer embeddings embedding vision_model visual trunk net "
-    "base_model features body _orig_mod".split()
+    [
+        "model", "module", "models", "encoder", "decoder", "backbone", "transformer", "embeddings", "embedding",
+        "vision_model", "visual", "trunk", "net", "base_model", "features", "body", "_orig_mod",
+    ]
 )
 
 # Parameter names, canonical: TF-style gamma/beta and layer-scale gamma mean weight/bias.

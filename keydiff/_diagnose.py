@@ -73,7 +73,8 @@ def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix,
             f"{prefix.baseline} keys in common as stored: the checkpoint's keys {' and '.join(what)}; "
             f"with it handled, {prefix.matches} match by name")))
     if container:
-        also = f"; also present: {', '.join(f'`{a}`' for a in alternatives)} (choose with --key)" if alternatives else ""
+        listed = ", ".join(f"`{a}`" for a in alternatives)
+        also = f"; also present: {listed} (choose with --key)" if alternatives else ""
         out.append(Diagnosis(kind="container", message=f"weights taken from `{container}`{also}"))
     elif alternatives:
         out.append(Diagnosis(kind="container", message=(

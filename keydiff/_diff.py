@@ -190,7 +190,7 @@ def _cluster_table(d: Diff) -> ClusterTable:
                 "exact" if methods <= {"exact", "prefix"} else "mapped")
             if hits and len(hits) < len(found):
                 status = "partial"
-            other = sorted({k for e in hits for k in ((e.source if side == "model" else (e.target,)))},
+            other = sorted({k for e in hits for k in (e.source if side == "model" else (e.target,))},
                            key=natural_key)
             counterpart = _summarise(other)
             conf = min((e.confidence for e in hits), default=None)
@@ -454,4 +454,4 @@ def _candidates(key: str, shape: tuple[int, ...], unused: list[str], checkpoint:
     return [(k, fits) for *_, k, fits in scored[:3]]
 
 
-__all__ += ["ClusterRow", "ClusterTable", "Cluster", "Unit"]
+__all__ += ["Cluster", "ClusterRow", "ClusterTable", "Unit"]

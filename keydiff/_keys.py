@@ -97,7 +97,7 @@ class KeySet(Mapping[str, TensorInfo]):
         """Total tensor bytes."""
         return sum(info.nbytes for _, info in self.items_)
 
-    def to_frame(self):  # noqa: ANN201 - pandas is imported lazily
+    def to_frame(self):  # -> pandas.DataFrame, imported lazily
         """One row per key: ``key, shape, dtype, numel``."""
         import pandas as pd
 

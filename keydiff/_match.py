@@ -330,7 +330,7 @@ def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> tuple[list[Pairin
 
 # ------------------------------------------------------------------------------------------------------ order
 
-def _align(src: list[Unit], dst: list[Unit]) -> tuple[list[tuple[int, int, float]], dict[tuple[int, int], float]]:  # noqa: E501
+def _align(src: list[Unit], dst: list[Unit]) -> tuple[list[tuple[int, int, float]], dict[tuple[int, int], float]]:
     """Best monotone alignment of two unit sequences; pairs must be compatible.
 
     Returns:

@@ -93,7 +93,7 @@ def build_source(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
         try:
             factory = getattr(importlib.import_module(module_name), attr)
             return factory(**kwargs).eval()
-        except Exception as exc:  # noqa: BLE001 - the user's model code may raise anything
+        except Exception as exc:  # the user's model code may raise anything
             raise ModelError(f"cannot build {spec}: {type(exc).__name__}: {exc}") from exc
     import timm
 
@@ -145,7 +145,7 @@ def input_shape_for(model: nn.Module) -> tuple[int, ...]:
         if size:
             h, w = size
         return (2, c, h, w)
-    except Exception:  # noqa: BLE001 - not a timm model: fall back to the common image shape
+    except Exception:  # not a timm model: fall back to the common image shape
         return (2, 3, 224, 224)
 
 

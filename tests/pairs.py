@@ -178,7 +178,8 @@ CORE_PAIRS = [
          wrap=lambda sd: {"module." + k: v for k, v in sd.items()}),
     Pair("lightning_compile", timm_source("vit_base_patch16_224", **VIT), "vit_base_patch16_224", VIT, tokens,
          tokens, fmt="pth",
-         wrap=lambda sd: {"epoch": 2, "global_step": 10, "state_dict": {"model._orig_mod." + k: v for k, v in sd.items()},
+         wrap=lambda sd: {"epoch": 2, "global_step": 10,
+                          "state_dict": {"model._orig_mod." + k: v for k, v in sd.items()},
                           "optimizer_states": [{"state": {}, "param_groups": []}], "hyper_parameters": {"lr": 0.1}}),
 ]
 

@@ -74,7 +74,8 @@ def test_output_over_an_input_is_refused(renamed, capsys):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["vit_bsae_patch16_224", "{ckpt}"], "unknown timm model 'vit_bsae_patch16_224'; did you mean vit_base_patch16_224"),
+    (["vit_bsae_patch16_224", "{ckpt}"],
+     "unknown timm model 'vit_bsae_patch16_224'; did you mean vit_base_patch16_224"),
     (["vit_base_patch16_224", "{tmp}/missing.safetensors"], "no such file"),
     (["vit_base_patch16_224", "{ckpt}", "-m", "num_classes"], "is not KEY=VALUE"),
     (["vit_base_patch16_224", "{ckpt}", "--min-confidence", "7"], "min-confidence"),

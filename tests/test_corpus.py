@@ -8,6 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from keydiff.cli import main
+
 from pairs import (
     CORE_PAIRS,
     CORPUS_PAIRS,

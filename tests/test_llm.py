@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from keydiff.cli import main
+
 from llm_models import META_NAMES, hf_gpt2, hf_llama, linear_gpt
 from pairs import randomise
 

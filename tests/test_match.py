@@ -20,10 +20,12 @@ def vit_keys(prefix: str, depth: int, d: int = 8, names: dict | None = None) -> 
     out = [(n.get("cls", "cls_token"), (1, 1, d))]
     for i in range(depth):
         p = f"{prefix}.{i}."
-        out += [(p + n.get("norm1", "norm1") + ".weight", (d,)), (p + n.get("norm1", "norm1") + ".bias", (d,)),
-                (p + n.get("qkv", "attn.qkv") + ".weight", (3 * d, d)), (p + n.get("qkv", "attn.qkv") + ".bias", (3 * d,)),
-                (p + n.get("norm2", "norm2") + ".weight", (d,)), (p + n.get("norm2", "norm2") + ".bias", (d,)),
-                (p + n.get("fc1", "mlp.fc1") + ".weight", (4 * d, d)), (p + n.get("fc2", "mlp.fc2") + ".weight", (d, 4 * d))]
+        norm1, norm2, qkv = n.get("norm1", "norm1"), n.get("norm2", "norm2"), n.get("qkv", "attn.qkv")
+        out += [(p + norm1 + ".weight", (d,)), (p + norm1 + ".bias", (d,)),
+                (p + qkv + ".weight", (3 * d, d)), (p + qkv + ".bias", (3 * d,)),
+                (p + norm2 + ".weight", (d,)), (p + norm2 + ".bias", (d,)),
+                (p + n.get("fc1", "mlp.fc1") + ".weight", (4 * d, d)),
+                (p + n.get("fc2", "mlp.fc2") + ".weight", (d, 4 * d))]
     return out
 
 

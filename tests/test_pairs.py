@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from keydiff.cli import main
+
 from pairs import CORE_PAIRS, Pair, max_rel_diff, write_source
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from keydiff.cli import main
+
 from pairs import CORE_PAIRS, write_source
 
 HF_ARGS = ["-s", "hidden_size=32", "-s", "num_hidden_layers=2", "-s", "num_attention_heads=4",

@@ -49,7 +49,7 @@ def _split(key: str) -> tuple[str, str]:
     return (head, leaf) if head and leaf in _LEAVES else (key, "")
 
 
-_LEAVES = frozenset("weight bias running_mean running_var num_batches_tracked gamma beta".split())
+_LEAVES = frozenset(["weight", "bias", "running_mean", "running_var", "num_batches_tracked", "gamma", "beta"])
 
 
 def _with_leaves(label: str, leaves: list[str]) -> str:
@@ -67,7 +67,9 @@ def group_entries(entries: Iterable[Entry]) -> list[EntryGroup]:
     for e in entries:
         heads = tuple(_template(_split(k)[0])[0] for k in e.source)
         t_head, leaf = _split(e.target)
-        op = e.op.describe() if e.op.kind != "split" else f"split dim {e.op.dim}, part {e.op.index} of {len(e.op.sizes)}"
+        op = e.op.describe()
+        if e.op.kind == "split":
+            op = f"split dim {e.op.dim}, part {e.op.index} of {len(e.op.sizes)}"
         groups.setdefault((heads, _template(t_head)[0], op, e.evidence.method), []).append((e, leaf))
     rows = []
     for (_, _, op, method), members in groups.items():
