@@ -137,3 +137,11 @@ def test_every_checkpoint_tensor_is_mapped_or_reported():
     unused = {u.key: u.reason for u in d.mapping.unused}
     assert used | set(unused) == set(ckpt) and not used & set(unused)
     assert all(unused.values())
+
+
+def test_position_embedding_size_differences_are_named():
+    base = vit_keys("blocks", 1)
+    one_token = compare_keys(ks([*base, ("pos_embed", (1, 17, 8))]), ks([*base, ("pos_embed", (1, 16, 8))]))
+    assert any("by one token (class token)" in dg.message for dg in one_token.diagnoses)
+    grid = compare_keys(ks([*base, ("pos_embed", (1, 197, 8))]), ks([*base, ("pos_embed", (1, 577, 8))]))
+    assert any("by grid size" in dg.message for dg in grid.diagnoses)
