@@ -5,8 +5,8 @@
     >>> d                      # a report: rich in a terminal, HTML in Jupyter              # doctest: +SKIP
     >>> sd = d.apply()         # loads with model.load_state_dict(sd, strict=True)       # doctest: +SKIP
 
-Public names: ``diff``, ``compare_keys``, ``read_keys``, ``load_mapping``, ``Diff``, ``KeyMap``, ``Entry``,
-``Op``, ``KeySet``, ``TensorInfo``, ``KeydiffError``, ``InputError``.
+Public names: ``diff``, ``compare_keys``, ``compare``, ``stats``, ``read_keys``, ``load_mapping``, ``Diff``,
+``ValueDiff``, ``KeyMap``, ``Entry``, ``Op``, ``KeySet``, ``TensorInfo``, ``KeydiffError``, ``InputError``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from keydiff._mapping import Entry as Entry
 from keydiff._mapping import KeyMap as KeyMap
 from keydiff._mapping import load_mapping as load_mapping
 from keydiff._ops import Op as Op
+from keydiff._values import ValueDiff as ValueDiff
+from keydiff._values import compare as compare
+from keydiff._values import stats as stats
 
 __version__ = "0.1.0"
 
@@ -34,11 +37,14 @@ __all__ = [
     "KeydiffError",
     "Op",
     "TensorInfo",
+    "ValueDiff",
     "__version__",
+    "compare",
     "compare_keys",
     "diff",
     "load_mapping",
     "read_keys",
+    "stats",
 ]
 
 
@@ -54,7 +60,7 @@ def read_keys(path: str, *, key: str | None = None, unsafe_pickle: bool = False)
     return read_checkpoint(path, key=key, unsafe_pickle=unsafe_pickle).keys
 
 
-for _obj in (Diff, Entry, InputError, KeyMap, KeySet, KeydiffError, Op, TensorInfo, compare_keys, diff,
-             load_mapping, read_keys):
+for _obj in (Diff, Entry, InputError, KeyMap, KeySet, KeydiffError, Op, TensorInfo, ValueDiff, compare,
+             compare_keys, diff, load_mapping, read_keys, stats):
     _obj.__module__ = "keydiff"
 del _obj

@@ -14,6 +14,7 @@ Compatibility is a hard constraint: nothing is paired whose tensors cannot becom
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -82,6 +83,13 @@ def _numel(shape: Sequence[int]) -> int:
 
 def unit_relation(src: Unit, dst: Unit) -> float | None:
     """Quality (0-1) of turning ``src``'s tensors into ``dst``'s, or None when they cannot be."""
+    if len(src.leaves) == len(dst.leaves):
+        # the common case, checked without building signatures: the same names, shapes and dtypes
+        for a, b in zip(src.leaves, dst.leaves):
+            if a.shape != b.shape or a.name != b.name or a.dtype != b.dtype:
+                break
+        else:
+            return 1.0
     if src.signature != dst.signature:
         return None
     quality = 1.0
@@ -279,9 +287,78 @@ def _cluster_quality(pairs: list[tuple[Unit, Unit]]) -> float | None:
     return quality
 
 
+SMALL_ASSIGNMENT = 10_000
+"""Score matrices up to this many cells are assigned in pure Python: importing scipy.optimize takes longer."""
+
+
+def _assign(profit: Sequence[Sequence[float]]) -> tuple[list[int], list[int]]:
+    """``scipy.optimize.linear_sum_assignment(profit, maximize=True)``, pair for pair.
+
+    Small matrices go through a line-by-line port of scipy's shortest augmenting path (Crouse 2016,
+    ``rectangular_lsap.cpp``), ties broken the same way; tests check it against scipy. Large ones go to scipy.
+    """
+    nr, nc = len(profit), len(profit[0]) if len(profit) else 0
+    if nr * nc > SMALL_ASSIGNMENT:
+        from scipy.optimize import linear_sum_assignment
+
+        rows, cols = linear_sum_assignment(profit, maximize=True)
+        return [int(i) for i in rows], [int(j) for j in cols]
+    if not nr or not nc:
+        return [], []
+    transpose = nc < nr
+    cost = [[-float(profit[i][j]) for i in range(nr)] for j in range(nc)] if transpose else \
+        [[-float(x) for x in row] for row in profit]
+    if transpose:
+        nr, nc = nc, nr
+    u, v = [0.0] * nr, [0.0] * nc
+    path, col4row, row4col = [-1] * nc, [-1] * nr, [-1] * nc
+    for cur in range(nr):
+        # invariant: rows before ``cur`` are assigned and the duals u, v are feasible for them
+        remaining = list(range(nc - 1, -1, -1))  # reversed, as scipy fills it
+        seen_rows, seen_cols, spc = [False] * nr, [False] * nc, [math.inf] * nc
+        min_val, i, sink = 0.0, cur, -1
+        while sink == -1:
+            index, lowest = -1, math.inf
+            seen_rows[i] = True
+            row, ui = cost[i], u[i]
+            for it, j in enumerate(remaining):
+                r = min_val + row[j] - ui - v[j]
+                if r < spc[j]:
+                    path[j] = i
+                    spc[j] = r
+                if spc[j] < lowest or (spc[j] == lowest and row4col[j] == -1):
+                    lowest, index = spc[j], it
+            min_val = lowest
+            j = remaining[index]
+            if row4col[j] == -1:
+                sink = j
+            else:
+                i = row4col[j]
+            seen_cols[j] = True
+            remaining[index] = remaining[-1]
+            remaining.pop()
+        u[cur] += min_val
+        for i in range(nr):
+            if seen_rows[i] and i != cur:
+                u[i] += min_val - spc[col4row[i]]
+        for j in range(nc):
+            if seen_cols[j]:
+                v[j] -= min_val - spc[j]
+        j = sink
+        while True:
+            i = path[j]
+            row4col[j] = i
+            col4row[i], j = j, col4row[i]
+            if i == cur:
+                break
+    if transpose:
+        order = sorted(range(nr), key=lambda k: col4row[k])
+        return [col4row[k] for k in order], order
+    return list(range(nr)), col4row
+
+
 def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> tuple[list[Pairing], list[Unit]]:
     import numpy as np
-    from scipy.optimize import linear_sum_assignment
 
     if not src or not dst:
         return [], []
@@ -305,7 +382,7 @@ def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> tuple[list[Pairin
             score[i, j] = (0.75 * names[i, j] + 0.25 * quality) * (1.0 if coverage == 1 else 0.9)
             if coverage < 1 and names[i, j] < STRONG_NAME:
                 score[i, j] = -1.0
-    rows, cols = linear_sum_assignment(np.where(score < 0, 0.0, score + 1.0), maximize=True)
+    rows, cols = _assign(np.where(score < 0, 0.0, score + 1.0).tolist())
     pairings: list[Pairing] = []
     for i, j in zip(rows, cols, strict=True):
         s = score[i, j]

@@ -56,11 +56,11 @@ def _build(factory: Any, kwargs: dict[str, Any], spec: str) -> nn.Module:
             return factory(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"cannot build {spec} with arguments {kwargs}: {exc}") from exc
-    except Exception:  # noqa: BLE001 - some init code does not run on the meta device; try the CPU
+    except Exception:  # some init code does not run on the meta device: try the CPU
         pass
     try:
         return factory(**kwargs)
-    except Exception as exc:  # noqa: BLE001 - the user's model code may raise anything
+    except Exception as exc:  # the user's model code may raise anything
         raise ModelError(f"cannot build {spec}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -84,6 +84,13 @@ def read_model(spec: str, model_args: Mapping[str, Any] | None = None) -> KeySet
             raise ModelError(f"cannot import {spec}: {exc}") from exc
         model = _build(factory, kwargs, spec)
     else:
+        from keydiff._cache import load_model_keys
+
+        # a timm model seen before: its keys come from the cache, and neither torch nor timm is imported
+        given = dict(kwargs)
+        cached = load_model_keys(spec, given)
+        if cached is not None:
+            return cached
         import timm
 
         if not timm.is_model(spec):
@@ -92,7 +99,12 @@ def read_model(spec: str, model_args: Mapping[str, Any] | None = None) -> KeySet
         model = _build(lambda **kw: timm.create_model(spec, **kw), kwargs, spec)
     if not hasattr(model, "state_dict"):
         raise ModelError(f"{spec} returned {type(model).__name__}, not an nn.Module")
-    return keyset_of(model, origin=spec)
+    keys = keyset_of(model, origin=spec)
+    if ":" not in spec:
+        from keydiff._cache import store_model_keys
+
+        store_model_keys(spec, given, keys)
+    return keys
 
 
 def _suggest(name: str) -> str:

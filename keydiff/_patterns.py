@@ -181,9 +181,11 @@ def _fix_parts(template: str, members: list[tuple[str, tuple[int, ...]]],
             continue
         if len(next(iter(sets))) == 1 or len({frozenset(k) for k in by_value.values()}) > 1:
             fixed.add(j)
+    if not fixed:
+        return {path: (template, ix) for path, ix in members}
     out = {}
+    pieces = template.split(SLOT)
     for path, ix in members:
-        pieces = template.split(SLOT)
         text, kept = pieces[0], []
         for j, value in enumerate(ix):
             text += (str(value) if j in fixed else SLOT) + pieces[j + 1]
@@ -206,20 +208,20 @@ def build_units(keyset: KeySet, keys: Iterable[str], *, order: Sequence[str] | N
     by_template: dict[str, list[tuple[str, tuple[int, ...]]]] = defaultdict(list)
     for path, (tpl, ix) in raw.items():
         by_template[tpl].append((path, ix))
-    kinds = {path: tuple((leaf, keyset[key].shape) for leaf, key in sorted(leaves.items()))
+    # each path's leaves, sorted by name, with their tensor facts: looked up once, used twice
+    facts = {path: [(name, key, keyset[key]) for name, key in sorted(leaves.items())]
              for path, leaves in grouped.items()}
     final: dict[str, tuple[str, tuple[int, ...]]] = {}
     for tpl, members in by_template.items():
         if tpl.count(SLOT) > 1:
+            kinds = {p: tuple((name, info.shape) for name, _, info in facts[p]) for p, _ in members}
             final.update(_fix_parts(tpl, members, kinds))
         else:
             final.update({p: (tpl, ix) for p, ix in members})
     units = []
-    for position, (path, leaves) in enumerate(grouped.items()):
+    for position, (path, found) in enumerate(facts.items()):
         tpl, ix = final[path]
-        infos = tuple(
-            Leaf(name, (key,), keyset[key].shape, keyset[key].dtype) for name, key in sorted(leaves.items())
-        )
+        infos = tuple(Leaf(name, (key,), info.shape, info.dtype) for name, key, info in found)
         units.append(Unit(path=path, leaves=infos, template=tpl, indices=ix, position=position))
     return units
 

@@ -133,6 +133,11 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
 
 
 def _parse_header(path: str | os.PathLike[str], raw: bytes, *, data_start: int, file_size: int) -> SafetensorsHeader:
+    fast = _parse_header_fast(raw, file_size - data_start)
+    if fast is not None:
+        return SafetensorsHeader(
+            tensors=fast[0], metadata=MappingProxyType(fast[1]), data_start=data_start, file_size=file_size
+        )
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as exc:
@@ -150,6 +155,53 @@ def _parse_header(path: str | os.PathLike[str], raw: bytes, *, data_start: int, 
     return SafetensorsHeader(
         tensors=tensors, metadata=MappingProxyType(metadata), data_start=data_start, file_size=file_size
     )
+
+
+def _parse_header_fast(raw: bytes, data_size: int) -> tuple[tuple[_HeaderEntry, ...], dict[str, str]] | None:
+    """The common, valid header at C speed (100,000 entries in a fraction of a second); None for anything unusual,
+    which the full parser then judges exactly as before.
+
+    Without a hook, ``json.loads`` keeps the last of duplicate keys. Every key-value pair in JSON text has a colon
+    of its own, so a header with exactly as many colons as its parsed pairs names no key twice.
+    """
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except Exception:
+        return None
+    if type(obj) is not dict:
+        return None
+    pairs = len(obj)
+    metadata = obj.pop("__metadata__", {})
+    if type(metadata) is not dict or not all(type(v) is str for v in metadata.values()):
+        return None
+    pairs += len(metadata) + 3 * len(obj)
+    # (dtype, *shape) -> (info, bytes needed): a few distinct kinds serve every entry; infos are shared values
+    kinds: dict[tuple, tuple[TensorInfo, int]] = {}
+    tensors: list[_HeaderEntry] = []
+    for key, entry in obj.items():
+        if type(entry) is not dict or len(entry) != 3:
+            return None
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if type(dtype) is not str or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+            return None
+        for d in shape:
+            if type(d) is not int:
+                return None
+        begin, end = offsets
+        if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= data_size:
+            return None
+        kind = kinds.get((dtype, *shape))
+        if kind is None:
+            if dtype not in SAFETENSORS_DTYPES or any(d < 0 for d in shape):
+                return None
+            name, bits = SAFETENSORS_DTYPES[dtype]
+            kind = kinds[(dtype, *shape)] = (TensorInfo(tuple(shape), name), -(-math.prod(shape) * bits // 8))
+        if end - begin != kind[1]:
+            return None
+        tensors.append((key, kind[0], (begin, end)))
+    if raw.count(b":") != pairs:
+        return None
+    return tuple(tensors), metadata
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

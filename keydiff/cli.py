@@ -2,6 +2,7 @@
 
     keydiff MODEL CHECKPOINT [-m KEY=VALUE]... [--json MAP] [-o OUT]     diagnose, propose, convert
     keydiff apply MAP.json CHECKPOINT -o OUT                             apply a saved mapping
+    keydiff stats CHECKPOINT [--csv STATS.csv]                           per-tensor statistics, NaN/Inf flagged
 
 Exit codes: 0 every model key is filled; 1 some stay unresolved; 2 bad input or usage (one line, no traceback).
 """
@@ -24,6 +25,7 @@ _HELP = """Why a checkpoint does not load into a model, and the mapping that fix
 \b
   keydiff MODEL CHECKPOINT [-m KEY=VALUE]... [--json MAP] [-o OUT]
   keydiff apply MAP.json CHECKPOINT -o OUT
+  keydiff stats CHECKPOINT [--csv STATS.csv]
 
 Exit codes: 0 every model key is filled; 1 some stay unresolved; 2 bad input or usage.
 """
@@ -45,9 +47,11 @@ Output = Annotated[Optional[Path], typer.Option(  # noqa: UP045
 Partial = Annotated[bool, typer.Option("--partial", help="Write the output even if some model keys stay unresolved.")]
 ShardSize = Annotated[Optional[str], typer.Option(  # noqa: UP045
     "--max-shard-size", help="Write sharded safetensors with an index (e.g. 5GB, 500MB).")]
+Report = Annotated[Optional[Path], typer.Option(  # noqa: UP045
+    "--report", help="Also write the report to share: .md (GitHub markdown, for an issue) or .html (one page).")]
 
 
-def _console(quiet: bool, stderr: bool = False):  # noqa: ANN202 - rich is imported lazily
+def _console(quiet: bool, stderr: bool = False):
     from rich.console import Console
 
     width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 140
@@ -73,26 +77,61 @@ def _size(text: str | None) -> int | None:
     raise UsageError(f"--max-shard-size {text!r} is not a size (for example 5GB or 500MB)")
 
 
-def _write_json(path: Path, text: str, inputs: list[str]) -> None:
-    import tempfile
-
+def _check_output(path: Path, inputs: list[str], what: str) -> Path:
+    """The resolved output path; refuses an input file and a missing directory before any work is done."""
     target = path.resolve()
     for inp in inputs:
         if Path(inp).exists() and Path(inp).resolve() == target:
-            raise OutputError(f"{path}: refusing to write the mapping over an input file")
+            raise OutputError(f"{path}: refusing to write the {what} over an input file")
     if not target.parent.is_dir():
         raise OutputError(f"{path}: directory {target.parent} does not exist")
+    return target
+
+
+def _write_text(path: Path, text: str, inputs: list[str], what: str) -> None:
+    """Write a text file atomically (temporary file, then rename), never over an input."""
+    import tempfile
+
+    target = _check_output(path, inputs, what)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        # mkstemp makes the file private (0600); a report or a mapping gets the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _convert(mapping, source, keys, output: Path, inputs: list[str], shard: int | None, quiet: bool) -> list[str]:  # noqa: ANN001
+def _report_format(path: Path | None) -> str | None:
+    """``md`` or ``html`` from the report path's suffix; anything else is a usage error."""
+    if path is None:
+        return None
+    fmt = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html"}.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"--report {path}: the suffix picks the format: .md (GitHub markdown, to paste into an "
+                         "issue) or .html (one standalone page)")
+    return fmt
+
+
+def _write_report(path: Path, parts: list, inputs: list[str], title: str) -> None:
+    from keydiff._render import _html, _markdown
+
+    fmt = _report_format(path)
+    text = _markdown.render_markdown(parts) if fmt == "md" else _html.render_html(parts, title=title)
+    _write_text(path, text, inputs, "report")
+
+
+def _progress(quiet: bool) -> bool:
+    """Progress bars only for a person watching: stderr is a terminal and --quiet is off."""
+    return not quiet and sys.stderr.isatty()
+
+
+def _convert(mapping, source, keys, output: Path, inputs: list[str], shard: int | None, quiet: bool) -> list[str]:
     from rich.progress import Progress
 
     from keydiff._convert import write_converted
@@ -107,7 +146,8 @@ def _convert(mapping, source, keys, output: Path, inputs: list[str], shard: int 
 @app.command("diff")
 def diff_command(
     model: Annotated[str, typer.Argument(help="timm model name, package.module:callable, or a checkpoint file.")],
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, sharded index/dir, .pth/.pt/.bin/.ckpt.")],
+    checkpoint: Annotated[Path, typer.Argument(
+        help="Checkpoint: .safetensors, sharded index/dir, .pth/.pt/.bin/.ckpt.")],
     model_arg: ModelArgs = None,
     key: ContainerKey = None,
     json_path: Annotated[Optional[Path], typer.Option(  # noqa: UP045
@@ -118,6 +158,12 @@ def diff_command(
         "--min-confidence", min=0.0, max=1.0, help="Apply only proposals at least this confident.")] = 0.5,
     show_all: Annotated[bool, typer.Option("--all", help="List every row, exact matches included.")] = False,
     max_shard_size: ShardSize = None,
+    values: Annotated[bool, typer.Option(
+        "--values", help="MODEL is a checkpoint too: compare the values of every matched tensor.")] = False,
+    report: Report = None,
+    emit_python: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--emit-python", help="Write the mapping as a self-contained checkpoint_filter_fn(state_dict, model=None) "
+                              "that needs only torch.")] = None,
     unsafe_pickle: UnsafePickle = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -126,18 +172,45 @@ def diff_command(
     from keydiff._diff import diff
     from keydiff._model import parse_model_args
     from keydiff._render._rich import render_diff
+    from keydiff._sources import is_checkpoint_path
 
     _warn_unsafe(unsafe_pickle)
     args = parse_model_args(model_arg or [])
     shard = _size(max_shard_size)
+    inputs = [str(checkpoint)] + ([model] if Path(model).exists() else [])
+    _report_format(report)
+    for path, what in ((json_path, "mapping"), (report, "report"), (emit_python, "generated code")):
+        if path is not None:
+            _check_output(path, inputs, what)
+    if values and not (Path(model).exists() and is_checkpoint_path(model)):
+        raise UsageError(f"--values compares the values of two checkpoints: MODEL must be a checkpoint file, got "
+                         f"{model!r}")
     d = diff(model, checkpoint, key=key, unsafe_pickle=unsafe_pickle, min_confidence=min_confidence, **args)
     console = _console(quiet)
     budget = 10**9 if show_all else 40
-    for part in render_diff(d, budget=budget, show_exact=show_all):
+    parts = list(render_diff(d, budget=budget, show_exact=show_all))
+    if values:
+        from keydiff._render._values import render_values
+        from keydiff._sources import read_checkpoint
+        from keydiff._values import compare_values
+
+        reference = read_checkpoint(model, unsafe_pickle=unsafe_pickle)
+        vd = compare_values(d, reference, progress=_progress(quiet))
+        parts += render_values(vd, budget=budget)
+    for part in parts:
         console.print(part)
-    inputs = [str(checkpoint)] + ([model] if Path(model).exists() else [])
+    if report is not None:
+        _write_report(report, parts, inputs, title=f"keydiff: {model} vs {checkpoint.name}")
+        console.print(f"report written to {report}")
+    if emit_python is not None:
+        if not d.ok and not partial:
+            console.print(f"[red]no code written to {emit_python}: {len(d.mapping.missing)} model keys are "
+                          "unresolved (--partial writes the rest)[/red]")
+        else:
+            _write_text(emit_python, d.to_python(), inputs, "generated code")
+            console.print(f"checkpoint_filter_fn written to {emit_python}")
     if json_path is not None:
-        _write_json(json_path, d.mapping.dumps(), inputs)
+        _write_text(json_path, d.mapping.dumps(), inputs, "mapping")
         console.print(f"mapping written to {json_path}")
     if output is not None:
         if not d.ok and not partial:
@@ -222,7 +295,49 @@ def verify_command(
     return 0 if result.ok else 1
 
 
-_COMMANDS = {"diff", "apply", "verify"}
+@app.command("stats")
+def stats_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, sharded, .pth/.pt/.bin/.ckpt.")],
+    key: ContainerKey = None,
+    csv: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--csv", help="Write every tensor's statistics as CSV.")] = None,
+    report: Report = None,
+    show_all: Annotated[bool, typer.Option("--all", help="List every tensor, not only the flagged ones.")] = False,
+    unsafe_pickle: UnsafePickle = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> int:
+    """Per-tensor statistics of CHECKPOINT (mean, std, min, max, zeros, NaN, Inf), flagged tensors first.
+
+    Exit codes: 0 every tensor is finite; 1 some tensor holds NaN or Inf; 2 bad input.
+    """
+    from keydiff._render._values import render_stats
+    from keydiff._sources import read_checkpoint
+    from keydiff._values import tensor_stats
+
+    _warn_unsafe(unsafe_pickle)
+    inputs = [str(checkpoint)]
+    _report_format(report)
+    for path, what in ((csv, "statistics"), (report, "report")):
+        if path is not None:
+            _check_output(path, inputs, what)
+    ckpt = read_checkpoint(checkpoint, key=key, unsafe_pickle=unsafe_pickle)
+    frame = tensor_stats(ckpt, ckpt.keys, progress=_progress(quiet))
+    where = str(checkpoint) + (f" (tensors of `{ckpt.container}`)" if ckpt.container else "")
+    parts = list(render_stats(frame, origin=where, budget=10**9 if show_all else 40, show_all=show_all))
+    console = _console(quiet)
+    for part in parts:
+        console.print(part)
+    if csv is not None:
+        _write_text(csv, frame.to_csv(index=False), inputs, "statistics")
+        console.print(f"statistics written to {csv}")
+    if report is not None:
+        _write_report(report, parts, inputs, title=f"keydiff stats: {checkpoint.name}")
+        console.print(f"report written to {report}")
+    return 1 if bool(((frame["nan"] > 0) | (frame["inf"] > 0)).any()) else 0
+
+
+_COMMANDS = {"diff", "apply", "verify", "stats"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"keydiff: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - a bug: one line, and the way to report it
+    except Exception as exc:  # a bug: one line, and the way to report it
         if debug:
             raise
         print(f"keydiff: internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)",
@@ -266,4 +381,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry_point() -> None:
     """Console-script entry point."""
+    import gc
+
+    # A run allocates millions of small acyclic objects (a 100,000-key header is 400,000 of them); the default
+    # threshold of 700 would rescan the growing heap hundreds of times, so collect cycles rarely instead.
+    gc.set_threshold(100_000, 50, 1000)
     sys.exit(main())
