@@ -86,7 +86,8 @@ _SYNONYMS: dict[str, tuple[str, ...]] = {
     "ls1": ("ls1", "gamma_1", "layer_scale1", "lambda_1", "layer_scale_1"),
     "ls2": ("ls2", "gamma_2", "layer_scale2", "lambda_2", "layer_scale_2"),
     "downsample": ("downsample", "shortcut", "downsample_layers", "skip"),
-    "head": ("head", "heads", "classifier", "lm_head", "fc_head"),
+    "head": ("head", "heads", "classifier", "lm_head", "fc_head", "cls_classifier"),
+    "head_dist": ("head_dist", "distillation_classifier", "dist_head", "head_distill"),
     "stem": ("stem", "embedder", "conv_stem"),
     "pool": ("pooler", "pool", "attn_pool"),
 }

@@ -216,6 +216,10 @@ def hf_pooled(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(pixel_values=x).pooler_output.flatten(1)
 
 
+def hf_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(pixel_values=x).logits
+
+
 def tv_features_pooled(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(m.features(x), 1).flatten(1)
 
@@ -256,6 +260,20 @@ CORPUS_PAIRS = [
          input_shape=(2, 3, 64, 64)),
     Pair("tv_convnext_tiny_pth", tv("convnext_tiny", num_classes=5), "convnext_tiny", dict(num_classes=0),
          tv_convnext_pooled, pooled, input_shape=(1, 3, 64, 64), fmt="pth"),
+    Pair("hf_vit_classifier", hf("ViTConfig", "ViTForImageClassification", num_labels=10, **HF_VIT),
+         "vit_base_patch16_224", dict(VIT, num_classes=10), hf_logits, logits),
+    Pair("hf_deit_with_teacher", hf("DeiTConfig", "DeiTForImageClassificationWithTeacher", num_labels=10, **HF_VIT),
+         "deit_tiny_distilled_patch16_224", dict(VIT, num_classes=10), hf_logits, logits),
+    Pair("hf_convnext_classifier", hf("ConvNextConfig", "ConvNextForImageClassification", num_labels=7,
+                                      hidden_sizes=[8, 16, 32, 48], depths=[1, 1, 2, 1]),
+         "convnext_tiny", dict(CONVNEXT_T, num_classes=7), hf_logits, logits, input_shape=(2, 3, 64, 64)),
+    Pair("hf_resnet_classifier", hf("ResNetConfig", "ResNetForImageClassification", num_labels=7, embedding_size=64,
+                                    hidden_sizes=[256, 512, 1024, 2048], depths=[1, 1, 1, 1], layer_type="bottleneck"),
+         "resnet50", dict(layers=[1, 1, 1, 1], num_classes=7), hf_logits, logits, input_shape=(2, 3, 64, 64)),
+    Pair("hf_swin_classifier", hf("SwinConfig", "SwinForImageClassification", num_labels=7, image_size=224,
+                                  embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=7),
+         "swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=7,
+                                              num_classes=7), hf_logits, logits, input_shape=(1, 3, 224, 224)),
     Pair("ema_training_dict", timm_source("resnet18", layers=[1, 1, 1, 1], num_classes=3), "resnet18",
          dict(layers=[1, 1, 1, 1], num_classes=3), logits, logits, input_shape=(2, 3, 64, 64), fmt="pth",
          wrap=ema_wrap),
