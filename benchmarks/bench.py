@@ -192,7 +192,7 @@ def figure_keys(work: Path, layers: int, experts: int, repeat: int) -> list[str]
         f"   keydiff / bare header read = {ratio:.1f}x (goal <= 3x: {'met' if ratio <= 3 else 'NOT met'})",
         f"   mapping correct: {right:,} of {len(pairs):,} keys ({100 * right / len(pairs):.2f}%), "
         f"{len(doc['missing'])} unresolved, {len(doc['unused'])} unused",
-        f"   keydiff --json: {kd.seconds:.2f} s, {kd.peak_mb:.0f} MB   bare header read: {bare.seconds:.2f} s, "
+        f"     keydiff --json: {kd.seconds:.2f} s, {kd.peak_mb:.0f} MB   bare header read: {bare.seconds:.2f} s, "
         f"{bare.peak_mb:.0f} MB",
     ]
 
@@ -208,10 +208,17 @@ def figure_big(work: Path, models: list[str], repeat: int) -> tuple[list[str], d
         ckpt = work / f"{model}.safetensors"
         size, _ = write_vit_checkpoint(model, ckpt)
         made[model] = ckpt
-        usual = check(run([PY, str(usual_script), model, str(ckpt)]), f"usual route on {model}")
-        cache = work / f"cache-{model}"
-        env = {"KEYDIFF_CACHE_DIR": str(cache)}
-        first = check(run(keydiff(model, str(ckpt), "-m", "num_classes=0", "-q"), env), f"keydiff on {model}")
+        # the usual route holds the checkpoint and an fp32 model: repeat it only while that stays small
+        usual = check(best([PY, str(usual_script), model, str(ckpt)], repeat if size < 2e9 else 1),
+                      f"usual route on {model}")
+        firsts = []
+        for n in range(repeat):
+            # a first run has an empty model-key cache: a fresh directory each time
+            env = {"KEYDIFF_CACHE_DIR": str(work / f"cache-{model}-{n}")}
+            firsts.append(check(run(keydiff(model, str(ckpt), "-m", "num_classes=0", "-q"), env),
+                                f"keydiff on {model}"))
+        first = sorted(firsts, key=lambda r: r.seconds)[len(firsts) // 2]
+        env = {"KEYDIFF_CACHE_DIR": str(work / f"cache-{model}-0")}
         again = check(best(keydiff(model, str(ckpt), "-m", "num_classes=0", "-q"), repeat, env),
                       f"keydiff again on {model}")
         speed_first, speed_again = usual.seconds / first.seconds, usual.seconds / again.seconds
@@ -223,7 +230,7 @@ def figure_big(work: Path, models: list[str], repeat: int) -> tuple[list[str], d
             f"     usual route {usual.seconds:.2f} s, {usual.peak_mb:.0f} MB | keydiff first {first.seconds:.2f} s, "
             f"{first.peak_mb:.0f} MB | repeated {again.seconds:.2f} s, {again.peak_mb:.0f} MB",
         ]
-    lines.append(f"   (import torch, timm alone: {imports.seconds:.2f} s, {imports.peak_mb:.0f} MB)")
+    lines.append(f"     (import torch, timm alone: {imports.seconds:.2f} s, {imports.peak_mb:.0f} MB)")
     return lines, made
 
 
@@ -231,8 +238,11 @@ def figure_convert(work: Path, model: str, ckpt: Path, shard: str) -> list[str]:
     """3. Conversion: -o and --max-shard-size against a plain copy of the same bytes."""
     copy_script = work / "copy.py"
     copy_script.write_text(_COPY)
-    env = {"KEYDIFF_CACHE_DIR": str(work / f"cache-{model}")}
+    env = {"KEYDIFF_CACHE_DIR": str(work / f"cache-{model}-0")}
     copy = check(run([PY, str(copy_script), str(ckpt), str(work / "copy.safetensors")]), "plain copy")
+    (work / "copy.safetensors").unlink()
+    cached = check(run([PY, "-c", "import shutil, sys; shutil.copyfile(*sys.argv[1:])", str(ckpt),
+                        str(work / "copy.safetensors")]), "plain copy without fsync")
     (work / "copy.safetensors").unlink()
     out = work / "converted.safetensors"
     conv = check(run(keydiff(model, str(ckpt), "-m", "num_classes=0", "-q", "-o", str(out)), env), "conversion")
@@ -247,15 +257,21 @@ def figure_convert(work: Path, model: str, ckpt: Path, shard: str) -> list[str]:
     complete = set(layout["weight_map"].values()) == set(shards)
     shutil.rmtree(shard_dir)
     largest = max(_largest_tensor(ckpt), 1)
+    # what importing torch and safetensors alone holds: the part of the peak that no checkpoint size changes
+    floor = run([PY, "-c", "import torch, safetensors.torch"])
     ratio = conv.seconds / copy.seconds
+    above = max(conv.peak_mb - floor.peak_mb, 0.0)
     return [
         f"3. conversion of {model} ({ckpt.stat().st_size / 1e9:.2f} GB): -o / plain copy = {ratio:.1f}x "
-        f"(goal <= 2x: {'met' if ratio <= 2 else 'NOT met'}); peak memory {conv.peak_mb:.0f} MB "
-        f"= {conv.peak_mb * 2**20 / largest:.0f}x the largest tensor ({largest / 2**20:.0f} MB), "
-        f"{conv.peak_mb * 2**20 / ckpt.stat().st_size:.2f}x the checkpoint",
-        f"   -o: {conv.seconds:.2f} s, {conv.peak_mb:.0f} MB | plain copy + fsync: {copy.seconds:.2f} s, "
+        f"(goal <= 2x: {'met' if ratio <= 2 else 'NOT met'}); peak memory {conv.peak_mb:.0f} MB = import torch "
+        f"{floor.peak_mb:.0f} MB + {above:.0f} MB ({above * 2**20 / largest:.1f}x the largest tensor of "
+        f"{largest / 2**20:.0f} MB; the checkpoint is {ckpt.stat().st_size / 2**20:.0f} MB)",
+        f"     -o: {conv.seconds:.2f} s, {conv.peak_mb:.0f} MB | plain copy + fsync: {copy.seconds:.2f} s, "
         f"{copy.peak_mb:.0f} MB | --max-shard-size {shard}: {sharded.seconds:.2f} s, {sharded.peak_mb:.0f} MB, "
         f"{len(shards)} shards + index ({'weight_map complete' if complete else 'INDEX MISMATCH'})",
+        f"     copy without fsync (data left in the page cache): {cached.seconds:.2f} s; -o / that = "
+        f"{conv.seconds / cached.seconds:.1f}x (keydiff syncs before renaming into place, so the fair baseline "
+        "syncs too)",
     ]
 
 
@@ -341,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_vit_checkpoint(args.big_vit, made[args.big_vit])
                 # the key cache the conversion uses is warmed by one diagnosis, as figure 2 would have done
                 run(keydiff(args.big_vit, str(made[args.big_vit]), "-m", "num_classes=0", "-q"),
-                    {"KEYDIFF_CACHE_DIR": str(work / f"cache-{args.big_vit}")})
+                    {"KEYDIFF_CACHE_DIR": str(work / f"cache-{args.big_vit}-0")})
         if "convert" in only:
             figures.append(figure_convert(work, args.big_vit, made[args.big_vit], args.shard))
             print("\n".join(figures[-1]), flush=True)
@@ -351,9 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         if "startup" in only:
             figures.append(figure_startup(work, args.repeat))
             print("\n".join(figures[-1]), flush=True)
-        print("\nsummary (ratios first)")
+        print("\nsummary: the ratios (details above)")
         for fig in figures:
-            print(fig[0] if len(fig) == 1 else "\n".join(fig[:2]))
+            print("\n".join(line for line in fig if not line.startswith("     ")))
         print(lines[0])
     finally:
         shutil.rmtree(work, ignore_errors=True)

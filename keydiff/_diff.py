@@ -6,6 +6,7 @@ frames, JSON and converted checkpoints on demand.
 
 from __future__ import annotations
 
+import heapq
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -376,6 +377,7 @@ def _transpose_convention(entries: list[Entry], keys: KeySet, to_model: Mapping[
                 and key.endswith(".weight") and key[: -len("weight")] + "bias" in keys)
 
     linear = [e for e in entries if linear_weight(e)]
+    linear_ids = {id(e) for e in linear}  # membership by identity: a list scan per entry is quadratic
     non_square = [e for e in linear if e.target_shape[0] != e.target_shape[1]]
     transposed = [e for e in non_square if e.op.kind == "transpose"]
     if not transposed:
@@ -383,7 +385,7 @@ def _transpose_convention(entries: list[Entry], keys: KeySet, to_model: Mapping[
     everyone = len(transposed) == len(non_square) and len(transposed) >= 2
     out = []
     for e in entries:
-        if e in linear and e.target_shape[0] == e.target_shape[1] and e.op.kind == "rename":
+        if id(e) in linear_ids and e.target_shape[0] == e.target_shape[1] and e.op.kind == "rename":
             if everyone:
                 note = "transposed like every non-square linear weight of this checkpoint ([in, out] storage)"
                 e = replace(e, op=Op(kind="transpose"), evidence=replace(e.evidence, shape="transpose", note=note))
@@ -403,10 +405,11 @@ def _keymap(model: KeySet, checkpoint: KeySet, applied: tuple[Entry, ...], propo
     weak_src = {k: e for e in weak.values() for k in e.source}
     missing_keys = [k for k in model if k not in filled]
     unused_keys = [k for k in checkpoint if k not in used]
+    pool = _Pool(unused_keys, checkpoint, prefix)
     missing = []
     for k in missing_keys:
         shape = model[k].shape
-        cands = _candidates(k, shape, unused_keys, checkpoint, prefix)
+        cands = _candidates(k, shape, pool)
         if k in weak:
             e = weak[k]
             reason = (f"proposed {', '.join(e.source)} with confidence {e.confidence:.2f}, below "
@@ -421,14 +424,19 @@ def _keymap(model: KeySet, checkpoint: KeySet, applied: tuple[Entry, ...], propo
             reason = "no unused checkpoint tensor has a compatible shape"
         missing.append(Leftover(key=k, shape=shape, reason=reason, candidates=tuple(c[0] for c in cands)))
     unused = []
+    # a few distinct shapes stand for thousands of missing keys: whether any fits is decided once per shape
+    missing_shapes = list(dict.fromkeys(model[m].shape for m in missing_keys[:5000]))
+    fits_any: dict[tuple[int, ...], bool] = {}
     for k in unused_keys:
         shape = checkpoint[k].shape
         name = prefix.apply(k)
+        if shape not in fits_any:
+            fits_any[shape] = any(shape_relation(shape, s) for s in missing_shapes)
         if k in weak_src:
             reason = f"proposed for {weak_src[k].target} with confidence {weak_src[k].confidence:.2f}, not applied"
         elif name in model:
             reason = f"the model's {name} has shape {list(model[name].shape)}, this has {list(shape)}"
-        elif not any(shape_relation(shape, model[m].shape) for m in missing_keys[:5000]):
+        elif not fits_any[shape]:
             reason = "no counterpart in the model: no model key left with a compatible shape"
         else:
             reason = "no counterpart in the model that names, shapes and order agree on"
@@ -438,20 +446,69 @@ def _keymap(model: KeySet, checkpoint: KeySet, applied: tuple[Entry, ...], propo
                   unwrap=unwrap, model=model.origin, checkpoint=checkpoint.origin)
 
 
-def _candidates(key: str, shape: tuple[int, ...], unused: list[str], checkpoint: KeySet,
-                prefix: Prefix) -> list[tuple[str, bool]]:
+class _Pool:
+    """The unused checkpoint keys that leftovers draw candidates from, with each key's facts worked out once."""
+
+    def __init__(self, unused: list[str], checkpoint: KeySet, prefix: Prefix) -> None:
+        self.keys = unused
+        self.by_shape: dict[tuple[int, ...], list[str]] = {}
+        for k in unused:
+            self.by_shape.setdefault(checkpoint[k].shape, []).append(k)
+        self._checkpoint, self._prefix = checkpoint, prefix
+        self._facts: dict[str, tuple[tuple[int, ...], str, tuple]] = {}
+        self._fits: dict[tuple[tuple[int, ...], tuple[int, ...]], bool] = {}
+        self._groups: dict[tuple[int, ...] | None, dict] = {}
+
+    def facts(self, k: str) -> tuple[tuple[int, ...], str, tuple]:
+        """Shape, template of the module path, and natural sort key of an unused key."""
+        found = self._facts.get(k)
+        if found is None:
+            tpl = _template(self._prefix.apply(k).rpartition(".")[0] or k)[0]
+            found = self._facts[k] = (self._checkpoint[k].shape, tpl, natural_key(k))
+        return found
+
+    def groups(self, shape: tuple[int, ...] | None) -> dict[tuple[tuple[int, ...], str], list[tuple[tuple, str]]]:
+        """The candidate pool (every unused key, or the first 2,000 of one shape) grouped by (shape, template),
+        each group as ``(natural key, key)`` in sorted order; built once per pool."""
+        found = self._groups.get(shape)
+        if found is None:
+            keys = self.keys if shape is None else self.by_shape.get(shape, [])[:2000]
+            found = {}
+            for k in keys:
+                have, k_tpl, k_natural = self.facts(k)
+                found.setdefault((have, k_tpl), []).append((k_natural, k))
+            for members in found.values():
+                members.sort()
+            self._groups[shape] = found
+        return found
+
+    def fits(self, have: tuple[int, ...], want: tuple[int, ...]) -> bool:
+        """Whether a tensor of shape ``have`` can become one of shape ``want`` (memoised: shapes repeat)."""
+        found = self._fits.get((have, want))
+        if found is None:
+            found = self._fits[have, want] = shape_relation(have, want) is not None
+        return found
+
+
+def _candidates(key: str, shape: tuple[int, ...], pool: _Pool) -> list[tuple[str, bool]]:
     """Up to three nearest unused checkpoint keys: shape-compatible first, then by name."""
-    if not unused:
+    if not pool.keys:
         return []
-    pool = unused if len(unused) <= 2000 else [k for k in unused if checkpoint[k].shape == shape][:2000]
+    groups = pool.groups(None if len(pool.keys) <= 2000 else shape)
     tpl = _template(key.rpartition(".")[0] or key)[0]
-    scored = []
-    for k in pool:
-        fits = shape_relation(checkpoint[k].shape, shape) is not None
-        scored.append((not fits, -name_similarity(tpl, _template(prefix.apply(k).rpartition(".")[0] or k)[0]),
-                       natural_key(k), k, fits))
-    scored.sort()
-    return [(k, fits) for *_, k, fits in scored[:3]]
+    # keys rank by (not fits, -name similarity, natural order); the first two depend only on a key's shape and
+    # template, so whole groups are ranked and only the best groups' (already sorted) members are read
+    ranked: dict[tuple[bool, float], list[list[tuple[tuple, str]]]] = {}
+    for (have, k_tpl), members in groups.items():
+        fits = pool.fits(have, shape)
+        ranked.setdefault((not fits, -name_similarity(tpl, k_tpl)), []).append(members)
+    out: list[tuple[str, bool]] = []
+    for (unfit, _), lists in sorted(ranked.items()):
+        for _, k in heapq.merge(*lists):
+            out.append((k, not unfit))
+            if len(out) == 3:
+                return out
+    return out
 
 
 __all__ += ["Cluster", "ClusterRow", "ClusterTable", "Unit"]

@@ -6,6 +6,7 @@ JSON schema (``SCHEMA``/``VERSION``); see the README for the field reference.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections import defaultdict
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["SCHEMA", "VERSION", "Entry", "Evidence", "KeyMap", "Leftover", "Rule", "Unwrap", "load_mapping"]
 
 SCHEMA = "keydiff/mapping"
-_NUMBER_LIST = re.compile(r"\[(?:\s*-?\d+,)*\s*-?\d+\s*\]|\[\s*\]")
 VERSION = 1
 Method = Literal["exact", "prefix", "cluster", "order", "unique"]
 
@@ -260,10 +260,22 @@ class KeyMap:
         }
 
     def dumps(self) -> str:
-        """The JSON document as text, stable across runs."""
-        text = json.dumps(self.to_json(), indent=1)
-        # shapes on one line: [1, 1, 768] rather than five
-        return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.findall(r"-?\d+", m.group(0))) + "]", text) + "\n"
+        """The JSON document as text, stable across runs: one line per entry, rule and leftover, so that a diff
+        of two mappings reads line by line (and the C encoder does the work)."""
+        doc = self.to_json()
+        lines = ["{"]
+        items = list(doc.items())
+        for n, (name, value) in enumerate(items):
+            comma = "," if n < len(items) - 1 else ""
+            if isinstance(value, list) and value:
+                lines.append(f" {json.dumps(name)}: [")
+                lines.extend(f"  {json.dumps(v, ensure_ascii=False)}{',' if i < len(value) - 1 else ''}"
+                             for i, v in enumerate(value))
+                lines.append(f" ]{comma}")
+            else:
+                lines.append(f" {json.dumps(name)}: {json.dumps(value, ensure_ascii=False)}{comma}")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
 
     @classmethod
     def from_json(cls, data: object) -> KeyMap:
@@ -316,22 +328,32 @@ def compress_rules(entries: Iterable[Entry]) -> tuple[Rule, ...]:
             t_tpl, t_ix = _template(t_head)
             if s_ix == t_ix and s_head != t_head:
                 candidates.setdefault((s_tpl + ("." if cut else ""), t_tpl + ("." if cut else "")), kinds[e.source[0]])
+    ordered = sorted(wanted)  # prefix rules: the keys a rule can match form one range of this sorted list
     rules: list[tuple[frozenset[str], Rule]] = []
     for (s_tpl, t_tpl), kind in sorted(candidates.items()):
         pattern = "^" + r"(\d+)".join(re.escape(p) for p in s_tpl.split("{}")) + ("" if s_tpl.endswith(".") else "$")
         pieces = t_tpl.split("{}")
         replace = pieces[0] + "".join(f"\\{i + 1}{p}" for i, p in enumerate(pieces[1:]))
         rx = re.compile(pattern)
-        hits = frozenset(k for k in wanted if rx.match(k))
+        literal = s_tpl.split("{}")[0]
+        lo, hi = bisect.bisect_left(ordered, literal), bisect.bisect_left(ordered, literal + "\U0010ffff")
+        hits = frozenset(k for k in ordered[lo:hi] if rx.match(k))
         if hits and all(wanted[k] == rx.sub(replace, k, count=1) and kinds[k] == kind for k in hits):
             rules.append((hits, Rule(pattern=pattern, replace=replace, op=kind, count=len(hits))))
-    kept = [r for h, r in rules if not any(h < other for other, _ in rules)]
+    # keep a rule unless another one covers strictly more of the same keys
+    covering: dict[str, list[int]] = defaultdict(list)
+    for n, (hits, _) in enumerate(rules):
+        for k in hits:
+            covering[k].append(n)
+    out: list[Rule] = []
     seen: set[frozenset[str]] = set()
-    out = []
-    for h, r in sorted(zip([h for h, r in rules if r in kept], kept, strict=True), key=lambda hr: -hr[1].count):
-        if h not in seen:
-            seen.add(h)
-            out.append(r)
+    for n, (hits, rule) in sorted(enumerate(rules), key=lambda nr: -nr[1][1].count):
+        first = next(iter(hits))
+        if any(len(rules[m][0]) > len(hits) and hits <= rules[m][0] for m in covering[first] if m != n):
+            continue
+        if hits not in seen:
+            seen.add(hits)
+            out.append(rule)
     return tuple(out)
 
 

@@ -85,7 +85,7 @@ def unit_relation(src: Unit, dst: Unit) -> float | None:
     """Quality (0-1) of turning ``src``'s tensors into ``dst``'s, or None when they cannot be."""
     if len(src.leaves) == len(dst.leaves):
         # the common case, checked without building signatures: the same names, shapes and dtypes
-        for a, b in zip(src.leaves, dst.leaves):
+        for a, b in zip(src.leaves, dst.leaves, strict=True):
             if a.shape != b.shape or a.name != b.name or a.dtype != b.dtype:
                 break
         else:
@@ -585,13 +585,39 @@ def _undecided(fixed: Sequence[Pairing], soft: list[_Soft], file_order: bool) ->
     return out
 
 
+def _profile(unit: Unit) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    """Names, shapes and dtypes of a unit's leaves: all that ``unit_relation`` looks at."""
+    return tuple((lf.name, lf.shape, lf.dtype) for lf in unit.leaves)
+
+
 def _unique_pairs(src: list[Unit], dst: list[Unit]) -> list[tuple[int, int]]:
-    fits = {i: [j for j, t in enumerate(dst) if unit_relation(s, t) is not None] for i, s in enumerate(src)}
-    back: dict[int, list[int]] = defaultdict(list)
-    for i, js in fits.items():
-        for j in js:
-            back[j].append(i)
-    return [(i, js[0]) for i, js in fits.items() if len(js) == 1 and len(back[js[0]]) == 1]
+    """Pairs ``(i, j)`` where ``dst[j]`` is the only unit ``src[i]`` fits and ``src[i]`` the only one fitting it.
+
+    Compatibility depends on leaf profiles only, so it is decided once per pair of distinct profiles and the
+    partners are counted per profile: linear in the units (100,000 experts share a handful of profiles).
+    """
+    src_of, dst_groups = [_profile(s) for s in src], defaultdict(list)
+    for j, t in enumerate(dst):
+        dst_groups[_profile(t)].append(j)
+    src_count: dict[tuple, int] = defaultdict(int)
+    first: dict[tuple, int] = {}
+    for i, p in enumerate(src_of):
+        src_count[p] += 1
+        first.setdefault(p, i)
+    fits = {p: [q for q, js in dst_groups.items() if unit_relation(src[first[p]], dst[js[0]]) is not None]
+            for p in first}
+    back: dict[tuple, int] = defaultdict(int)
+    for p, qs in fits.items():
+        for q in qs:
+            back[q] += src_count[p]
+    forward = {p: sum(len(dst_groups[q]) for q in qs) for p, qs in fits.items()}
+    out = []
+    for i, p in enumerate(src_of):
+        if forward[p] == 1:
+            (q,) = fits[p]
+            if back[q] == 1:
+                out.append((i, dst_groups[q][0]))
+    return out
 
 
 def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True

@@ -131,6 +131,15 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+def _status(quiet: bool, text: str):  # -> a context manager; rich is imported lazily
+    """A transient spinner on stderr for a step that can take seconds (100,000-key headers, building a model)."""
+    if not _progress(quiet):
+        from contextlib import nullcontext
+
+        return nullcontext()
+    return _console(quiet, stderr=True).status(text)
+
+
 def _convert(mapping, source, keys, output: Path, inputs: list[str], shard: int | None, quiet: bool) -> list[str]:
     from rich.progress import Progress
 
@@ -185,10 +194,13 @@ def diff_command(
     if values and not (Path(model).exists() and is_checkpoint_path(model)):
         raise UsageError(f"--values compares the values of two checkpoints: MODEL must be a checkpoint file, got "
                          f"{model!r}")
-    d = diff(model, checkpoint, key=key, unsafe_pickle=unsafe_pickle, min_confidence=min_confidence, **args)
+    with _status(quiet, f"reading {checkpoint.name} and {model}, matching keys"):
+        d = diff(model, checkpoint, key=key, unsafe_pickle=unsafe_pickle, min_confidence=min_confidence, **args)
     console = _console(quiet)
     budget = 10**9 if show_all else 40
-    parts = list(render_diff(d, budget=budget, show_exact=show_all))
+    # the report is built only for someone to read: on screen, or in --report
+    shown = not quiet or report is not None
+    parts = list(render_diff(d, budget=budget, show_exact=show_all)) if shown else []
     if values:
         from keydiff._render._values import render_values
         from keydiff._sources import read_checkpoint
@@ -196,7 +208,8 @@ def diff_command(
 
         reference = read_checkpoint(model, unsafe_pickle=unsafe_pickle)
         vd = compare_values(d, reference, progress=_progress(quiet))
-        parts += render_values(vd, budget=budget)
+        if shown:
+            parts += render_values(vd, budget=budget)
     for part in parts:
         console.print(part)
     if report is not None:
