@@ -309,14 +309,28 @@ def compress_rules(entries: Iterable[Entry]) -> tuple[Rule, ...]:
 
     Rules rewrite key prefixes (``^encoder\\.layers\\.(\\d+)\\.`` -> ``blocks.\\1.``), as short as they can be while
     never contradicting an entry; a key matched by several rules gets the same answer from each, so their order
-    does not matter.
+    does not matter. Keys whose source and target templates agree and whose indices carry over form one group: a
+    rule is checked once per group, on a key made of the template with a distinct marker in every slot.
     """
     singles = [e for e in entries if len(e.source) == 1 and e.op.kind in ("rename", "reshape")]
-    wanted = {e.source[0]: e.target for e in singles}
-    kinds = {e.source[0]: e.op.kind for e in singles}
-    candidates: dict[tuple[str, str], str] = {}
+    # group id -> (probe key, wanted target, kind, member count)
+    groups: dict[tuple, list] = {}
     for e in singles:
-        s_tokens, t_tokens = e.source[0].split("."), e.target.split(".")
+        s_tpl, s_ix = _template(e.source[0])
+        t_tpl, t_ix = _template(e.target)
+        if s_ix == t_ix:
+            gid: tuple = (s_tpl, t_tpl, e.op.kind)
+            if gid in groups:
+                groups[gid][3] += 1
+                continue
+            marks = [str(900_001 + i) for i in range(len(s_ix))]
+            probe = _fill(s_tpl, marks)
+            groups[gid] = [probe, _fill(t_tpl, marks), e.op.kind, 1, e.source[0], e.target]
+        else:
+            groups[(e.source[0],)] = [e.source[0], e.target, e.op.kind, 1, e.source[0], e.target]
+    candidates: dict[tuple[str, str], str] = {}
+    for _, _, kind, _, source, target in groups.values():
+        s_tokens, t_tokens = source.split("."), target.split(".")
         # drop the shared tail (leaf and more), keeping at least one token on each side
         n = 0
         while n < min(len(s_tokens), len(t_tokens)) - 1 and s_tokens[-1 - n] == t_tokens[-1 - n]:
@@ -327,26 +341,31 @@ def compress_rules(entries: Iterable[Entry]) -> tuple[Rule, ...]:
             s_tpl, s_ix = _template(s_head)
             t_tpl, t_ix = _template(t_head)
             if s_ix == t_ix and s_head != t_head:
-                candidates.setdefault((s_tpl + ("." if cut else ""), t_tpl + ("." if cut else "")), kinds[e.source[0]])
-    ordered = sorted(wanted)  # prefix rules: the keys a rule can match form one range of this sorted list
-    rules: list[tuple[frozenset[str], Rule]] = []
+                candidates.setdefault((s_tpl + ("." if cut else ""), t_tpl + ("." if cut else "")), kind)
+    ids = list(groups)
+    probes = sorted((groups[g][0], n) for n, g in enumerate(ids))  # prefix rules match one range of these
+    probe_keys = [p for p, _ in probes]
+    rules: list[tuple[frozenset[int], Rule]] = []
     for (s_tpl, t_tpl), kind in sorted(candidates.items()):
         pattern = "^" + r"(\d+)".join(re.escape(p) for p in s_tpl.split("{}")) + ("" if s_tpl.endswith(".") else "$")
         pieces = t_tpl.split("{}")
         replace = pieces[0] + "".join(f"\\{i + 1}{p}" for i, p in enumerate(pieces[1:]))
         rx = re.compile(pattern)
         literal = s_tpl.split("{}")[0]
-        lo, hi = bisect.bisect_left(ordered, literal), bisect.bisect_left(ordered, literal + "\U0010ffff")
-        hits = frozenset(k for k in ordered[lo:hi] if rx.match(k))
-        if hits and all(wanted[k] == rx.sub(replace, k, count=1) and kinds[k] == kind for k in hits):
-            rules.append((hits, Rule(pattern=pattern, replace=replace, op=kind, count=len(hits))))
+        lo = bisect.bisect_left(probe_keys, literal)
+        hi = bisect.bisect_left(probe_keys, literal + "\U0010ffff")
+        hits = frozenset(n for probe, n in probes[lo:hi] if rx.match(probe))
+        if hits and all(groups[ids[n]][1] == rx.sub(replace, groups[ids[n]][0], count=1)
+                        and groups[ids[n]][2] == kind for n in hits):
+            count = sum(groups[ids[n]][3] for n in hits)
+            rules.append((hits, Rule(pattern=pattern, replace=replace, op=kind, count=count)))
     # keep a rule unless another one covers strictly more of the same keys
-    covering: dict[str, list[int]] = defaultdict(list)
+    covering: dict[int, list[int]] = defaultdict(list)
     for n, (hits, _) in enumerate(rules):
-        for k in hits:
-            covering[k].append(n)
+        for g in hits:
+            covering[g].append(n)
     out: list[Rule] = []
-    seen: set[frozenset[str]] = set()
+    seen: set[frozenset[int]] = set()
     for n, (hits, rule) in sorted(enumerate(rules), key=lambda nr: -nr[1][1].count):
         first = next(iter(hits))
         if any(len(rules[m][0]) > len(hits) and hits <= rules[m][0] for m in covering[first] if m != n):
@@ -355,6 +374,11 @@ def compress_rules(entries: Iterable[Entry]) -> tuple[Rule, ...]:
             seen.add(hits)
             out.append(rule)
     return tuple(out)
+
+
+def _fill(template: str, values: list[str]) -> str:
+    pieces = template.split("{}")
+    return pieces[0] + "".join(v + p for v, p in zip(values, pieces[1:], strict=True))
 
 
 def load_mapping(path: str | Path) -> KeyMap:
