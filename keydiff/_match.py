@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 
 from rapidfuzz import fuzz
@@ -676,16 +676,3 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
         left_src = [u for u in left_src if id(u) not in taken]
         left_dst = [u for u in left_dst if id(u) not in taken]
     return pairings, left_src, left_dst, notes
-
-
-def expand(units: list[Unit]) -> list[Unit]:
-    """Virtual fused units back into their parts."""
-    out: list[Unit] = []
-    for u in units:
-        out.extend(u.parts or (u,))
-    return out
-
-
-def with_confidence(p: Pairing, confidence: float) -> Pairing:
-    """A pairing with another confidence."""
-    return replace(p, confidence=confidence)

@@ -6,6 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from keydiff._conventions import LEAVES
 from keydiff._keys import natural_key
 from keydiff._mapping import Entry, Leftover
 from keydiff._patterns import _template, fill_template
@@ -46,10 +47,9 @@ def _label(keys: Sequence[str]) -> str:
 
 def _split(key: str) -> tuple[str, str]:
     head, _, leaf = key.rpartition(".")
-    return (head, leaf) if head and leaf in _LEAVES else (key, "")
+    return (head, leaf) if head and leaf in LEAVES else (key, "")
 
 
-_LEAVES = frozenset(["weight", "bias", "running_mean", "running_var", "num_batches_tracked", "gamma", "beta"])
 
 
 def _with_leaves(label: str, leaves: list[str]) -> str:
