@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from keydiff._diagnose import Diagnosis, diagnose
+from keydiff._fold import FOLD_MIN_KEYS, expand_entries, fold_keys
 from keydiff._keys import KeySet, natural_key
 from keydiff._mapping import Entry, Evidence, KeyMap, Leftover, Unwrap, compress_rules
 from keydiff._match import Pairing, match_units, name_similarity, shape_relation
@@ -269,16 +270,20 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
                  checkpoint_format: str = "") -> Diff:
     """The engine: compare two key sets; no file is read."""
     prefix = find_prefix(list(checkpoint), model.keys(), checkpoint.origin)
-    to_model = {raw: prefix.apply(raw) for raw in checkpoint}
-    to_raw = {n: raw for raw, n in to_model.items()}
+    if prefix.strip or prefix.add:
+        to_model = {raw: prefix.apply(raw) for raw in checkpoint}
+        to_raw = {n: raw for raw, n in to_model.items()}
+    else:
+        to_model = to_raw = {k: k for k in checkpoint}
     entries: list[Entry] = []
     mismatched: dict[str, tuple[int, ...]] = {}
     method = "prefix" if prefix.strip or prefix.add else "exact"
-    for k, info in model.items():
+    have_info = checkpoint.infos
+    for k, info in model.items_:
         raw = to_raw.get(k)
         if raw is None:
             continue
-        have = checkpoint[raw]
+        have = have_info[raw]
         rel = shape_relation(have.shape, info.shape)
         if rel in ("same", "reshape") and have.dtype.startswith("int") == info.dtype.startswith("int"):
             op = Op(kind="rename" if rel == "same" else "reshape")
@@ -289,14 +294,18 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
             mismatched[k] = have.shape
     filled = {e.target for e in entries}
     used = {e.source[0] for e in entries}
-    norm_keys = KeySet.from_items(((to_model[r], checkpoint[r]) for r in checkpoint), origin=checkpoint.origin,
-                                  order_is_evidence=checkpoint.order_is_evidence)
-    order = list(norm_keys) if checkpoint.order_is_evidence else structural_order(norm_keys)
-    src_units = build_units(norm_keys, (to_model[r] for r in checkpoint if r not in used), order=order)
-    dst_units = build_units(model, (k for k in model if k not in filled))
-    pairings, _, _, notes = match_units(src_units, dst_units, file_order=checkpoint.order_is_evidence)
-    for p in pairings:
-        entries.extend(_entries(p, to_raw))
+    norm_keys = checkpoint if to_model is to_raw else KeySet.from_items(
+        ((to_model[r], info) for r, info in checkpoint.items_), origin=checkpoint.origin,
+        order_is_evidence=checkpoint.order_is_evidence)
+    src_rest = [to_model[r] for r in checkpoint if r not in used]
+    dst_rest = [k for k in model if k not in filled]
+    found = None
+    if len(src_rest) + len(dst_rest) >= FOLD_MIN_KEYS:
+        found = _match_folded(norm_keys, model, src_rest, dst_rest, to_model, to_raw, min_confidence)
+    if found is None:
+        found = _match(norm_keys, model, src_rest, dst_rest, to_raw)
+    entries.extend(found[0])
+    notes = found[1]
     entries = _transpose_convention(entries, norm_keys, to_model)
     order_of = {k: i for i, k in enumerate(model)}
     entries.sort(key=lambda e: order_of[e.target])
@@ -306,6 +315,37 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
                          non_tensor=non_tensor, notes=notes)
     return Diff(model=model, checkpoint=checkpoint, mapping=mapping, proposals=tuple(entries), diagnoses=diagnoses,
                 min_confidence=min_confidence, checkpoint_format=checkpoint_format, source=source)
+
+
+def _match(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_rest: list[str],
+           to_raw: Mapping[str, str]) -> tuple[list[Entry], list[str]]:
+    """The engine proper on the keys no name matched: units, clusters, matching; ``checkpoint`` normalised."""
+    wanted = set(src_rest)
+    order = [k for k in checkpoint if k in wanted] if checkpoint.order_is_evidence else structural_order(wanted)
+    src_units = build_units(checkpoint, order, order=order)
+    dst_units = build_units(model, dst_rest)
+    pairings, _, _, notes = match_units(src_units, dst_units, file_order=checkpoint.order_is_evidence)
+    return [e for p in pairings for e in _entries(p, to_raw)], notes
+
+
+def _match_folded(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_rest: list[str],
+                  to_model: Mapping[str, str], to_raw: Mapping[str, str],
+                  min_confidence: float) -> tuple[list[Entry], list[str]] | None:
+    """The engine on both sides' folds (identical repeats kept once), its entries repeated over the folds; None
+    unless that answer is clean (see ``keydiff._fold``)."""
+    src, dst = fold_keys(src_rest, checkpoint), fold_keys(dst_rest, model)
+    if not src.folds or not dst.folds or src.dropped + dst.dropped < (len(src_rest) + len(dst_rest)) // 2:
+        return None
+    entries, notes = _match(checkpoint, model, list(src.keys), list(dst.keys), to_raw)
+    if any(e.confidence < min_confidence for e in entries):
+        return None
+    expanded = expand_entries(entries, src, dst, to_model, to_raw)
+    if expanded is None or len(expanded) != len(dst_rest):
+        return None
+    used = {k for e in expanded for k in e.source}
+    if len(used) != len(src_rest) or len({e.target for e in expanded}) != len(dst_rest):
+        return None
+    return expanded, notes
 
 
 def _entries(p: Pairing, to_raw: Mapping[str, str]) -> list[Entry]:
@@ -376,6 +416,8 @@ def _transpose_convention(entries: list[Entry], keys: KeySet, to_model: Mapping[
         return (len(e.source) == 1 and e.evidence.method not in ("exact", "prefix") and len(e.target_shape) == 2
                 and key.endswith(".weight") and key[: -len("weight")] + "bias" in keys)
 
+    if not any(e.op.kind == "transpose" for e in entries):
+        return entries
     linear = [e for e in entries if linear_weight(e)]
     linear_ids = {id(e) for e in linear}  # membership by identity: a list scan per entry is quadratic
     non_square = [e for e in linear if e.target_shape[0] != e.target_shape[1]]

@@ -245,6 +245,9 @@ class KeyMap:
 
     def to_json(self) -> dict[str, Any]:
         """The versioned JSON document (see the README for the schema)."""
+        return self._document([e.to_json() for e in self.entries])
+
+    def _document(self, entries: list) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
             "version": VERSION,
@@ -253,7 +256,7 @@ class KeyMap:
             "unwrap": {"container": self.unwrap.container, "strip_prefix": self.unwrap.strip_prefix,
                        "add_prefix": self.unwrap.add_prefix},
             "complete": self.complete,
-            "entries": [e.to_json() for e in self.entries],
+            "entries": entries,
             "rules": [r.to_json() for r in self.rules],
             "missing": [m.to_json() for m in self.missing],
             "unused": [u.to_json() for u in self.unused],
@@ -262,12 +265,16 @@ class KeyMap:
     def dumps(self) -> str:
         """The JSON document as text, stable across runs: one line per entry, rule and leftover, so that a diff
         of two mappings reads line by line (and the C encoder does the work)."""
-        doc = self.to_json()
+        doc = self._document([])  # the entries are written by _entry_lines
         lines = ["{"]
         items = list(doc.items())
         for n, (name, value) in enumerate(items):
             comma = "," if n < len(items) - 1 else ""
-            if isinstance(value, list) and value:
+            if name == "entries" and self.entries:
+                lines.append(f" {json.dumps(name)}: [")
+                lines.extend(_entry_lines(self.entries))
+                lines.append(f" ]{comma}")
+            elif isinstance(value, list) and value:
                 lines.append(f" {json.dumps(name)}: [")
                 lines.extend(f"  {json.dumps(v, ensure_ascii=False)}{',' if i < len(value) - 1 else ''}"
                              for i, v in enumerate(value))
@@ -296,6 +303,25 @@ class KeyMap:
 
     def _repr_html_(self) -> str:
         return self.to_frame()._repr_html_()
+
+
+def _entry_lines(entries: tuple[Entry, ...]) -> list[str]:
+    """``json.dumps(entry.to_json())`` of every entry, one per line with its comma: everything after the keys is
+    serialised once per distinct (op, confidence, evidence, shapes), which repeats across thousands of entries."""
+    encode = json.encoder.encode_basestring  # what json.dumps(text, ensure_ascii=False) uses
+    tails: dict[tuple, str] = {}
+    lines = []
+    last = len(entries) - 1
+    for n, e in enumerate(entries):
+        tid = (id(e.op), e.confidence, id(e.evidence), e.source_shapes, e.target_shape)
+        tail = tails.get(tid)
+        if tail is None:
+            doc = e.to_json()
+            del doc["source"], doc["target"]
+            tail = tails[tid] = json.dumps(doc, ensure_ascii=False)[1:]
+        source = ", ".join(map(encode, e.source))
+        lines.append(f'  {{"source": [{source}], "target": {encode(e.target)}, {tail}{"," if n < last else ""}')
+    return lines
 
 
 def _flip(e: Entry, source: tuple[str, ...], target: str, op: Op, source_shapes: tuple[tuple[int, ...], ...],

@@ -20,6 +20,7 @@ from keydiff._keys import KeySet, format_indices, natural_key
 
 __all__ = ["Cluster", "Leaf", "Unit", "build_clusters", "build_units", "structural_order"]
 
+_RUNS = re.compile(r"([0-9]+)")
 _IN_TOKEN = re.compile(r"([A-Za-z][A-Za-z_]*?)([_-]?)(\d+)((?:-\d+)*)")
 SLOT = "{}"
 
@@ -117,28 +118,104 @@ def structural_order(keys: Iterable[str]) -> list[str]:
 
     A module's own parameters come before its children, children in natural order; this rebuilds the depth-first
     order that ``nn.Module.state_dict`` uses, except that siblings are sorted by name.
+
+    Example:
+        >>> structural_order(["b.10.w", "b.2.w", "b.bias", "a.w"])
+        ['a.w', 'b.bias', 'b.2.w', 'b.10.w']
     """
-
-    # tokens repeat across keys (``layers``, ``0``..``63``, ``experts``): sort each token's key once
-    token_keys: dict[str, tuple[tuple[int, int | str], ...]] = {}
-
-    def sort_key(key: str) -> tuple:
-        tokens = key.split(".")
-        last = len(tokens) - 1
-        out = []
-        for i, t in enumerate(tokens):
-            nk = token_keys.get(t)
-            if nk is None:
-                nk = token_keys[t] = natural_key(t)
-            out.append((i < last, nk))
-        return tuple(out)
-
-    return sorted(keys, key=sort_key)
+    return sorted(keys, key=_structural_key)
 
 
-@lru_cache(maxsize=1 << 18)
+def _structural_key(key: str) -> str:
+    """A string whose plain order is the structural order: per token, a mark that puts a module's own parameter
+    (the last token) before its children, then the token with each number written so that it sorts by value,
+    and before any text at the same place (as ``natural_key`` does)."""
+    pieces = _RUNS.split(key)
+    pieces[1::2] = [_SORTABLE.get(run) or _sortable(run) for run in pieces[1::2]]
+    head, dot, last = "".join(pieces).rpartition(".")
+    if not dot:
+        return "\x01" + last
+    return "\x02" + head.replace(".", "\x00\x02") + "\x00\x01" + last
+
+
+_SORTABLE: dict[str, str] = {}
+
+
+def _sortable(run: str) -> str:
+    digits = run.lstrip("0") or "0"
+    found = f"\x03{len(digits):04d}{digits}"
+    if len(_SORTABLE) < 1 << 16:
+        _SORTABLE[run] = found
+    return found
+
+
+_TEMPLATES: dict[str, tuple[str, tuple[int, ...]]] = {}
+_MAX_TEMPLATES = 1 << 19
+
+
 def _template(path: str) -> tuple[str, tuple[int, ...]]:
-    """Abstract the repeat indices of a module path (memoised: rules and reports ask for the same paths again)."""
+    """Abstract the repeat indices of a module path (memoised: rules and reports ask for the same paths again).
+
+    Keys differ in their numbers far more than in their text: which digit runs are indices is decided once per
+    text skeleton (the key with its runs taken out), and each key only fills the runs in.
+
+    Example:
+        >>> _template("encoder.layer1.0.fc2.weight")
+        ('encoder.layer{}.{}.fc2.weight', (1, 0))
+    """
+    found = _TEMPLATES.get(path)
+    if found is None:
+        if len(_TEMPLATES) >= _MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        found = _TEMPLATES[path] = _parse_template(path)
+    return found
+
+
+def remember_templates(known: Iterable[tuple[str, tuple[str, tuple[int, ...]]]]) -> None:
+    """Record ``(path, (template, indices))`` pairs worked out without parsing, as ``_template`` would give them
+    (the copies of a fold differ from their representative in one index only)."""
+    if len(_TEMPLATES) >= _MAX_TEMPLATES:
+        _TEMPLATES.clear()
+    _TEMPLATES.update(known)
+
+
+def _parse_template(path: str) -> tuple[str, tuple[int, ...]]:
+    pieces = _RUNS.split(path)
+    if len(pieces) == 1 and path.isascii():
+        return path, ()
+    texts = pieces[0::2]
+    plan = _plan("\0".join(texts))
+    if plan is None:
+        return _template_by_token(path)
+    out = texts[0]
+    indices = []
+    for n, is_slot in enumerate(plan):
+        if is_slot:
+            out += SLOT
+            indices.append(int(pieces[2 * n + 1]))
+        else:
+            out += pieces[2 * n + 1]
+        out += texts[n + 1]
+    return out, tuple(indices)
+
+
+@lru_cache(maxsize=1 << 14)
+def _plan(skeleton: str) -> tuple[bool, ...] | None:
+    """Which digit runs of a skeleton (``\\0`` where runs were) are indices; None if a token's digits are not all
+    ASCII runs (the token-by-token reading then decides)."""
+    plan: list[bool] = []
+    for token in skeleton.split("."):
+        runs = token.count("\0")
+        if not token.replace("\0", "").isascii():
+            return None
+        slots = len(_token_template(token.replace("\0", "0"))[1])
+        if slots not in (0, runs):
+            return None
+        plan.extend([slots > 0] * runs)
+    return tuple(plan)
+
+
+def _template_by_token(path: str) -> tuple[str, tuple[int, ...]]:
     out: list[str] = []
     indices: list[int] = []
     for token in path.split("."):

@@ -21,6 +21,8 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter, sub
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -175,30 +177,39 @@ def _parse_header_fast(raw: bytes, data_size: int) -> tuple[tuple[_HeaderEntry, 
     if type(metadata) is not dict or not all(type(v) is str for v in metadata.values()):
         return None
     pairs += len(metadata) + 3 * len(obj)
-    # (dtype, *shape) -> (info, bytes needed): a few distinct kinds serve every entry; infos are shared values
+    # each check is one pass over every entry at C speed (map, set, chain), not one interpreted step per entry
+    entries = list(obj.values())
+    if entries and (set(map(type, entries)) != {dict} or set(map(len, entries)) != {3}):
+        return None
+    try:
+        dtypes = list(map(itemgetter("dtype"), entries))
+        shapes = list(map(itemgetter("shape"), entries))
+        offsets = list(map(itemgetter("data_offsets"), entries))
+    except KeyError:
+        return None
+    if entries and not (set(map(type, shapes)) == set(map(type, offsets)) == {list}
+                        and set(map(len, offsets)) == {2} and set(map(type, chain.from_iterable(shapes))) <= {int}):
+        return None
+    bounds = list(chain.from_iterable(offsets))
+    if bounds and (set(map(type, bounds)) != {int} or min(bounds) < 0 or max(bounds) > data_size):
+        return None
+    # (dtype, shape) -> (info, bytes needed): a few distinct kinds serve every entry; infos are shared values
+    signatures = list(zip(dtypes, map(tuple, shapes), strict=True))
     kinds: dict[tuple, tuple[TensorInfo, int]] = {}
-    tensors: list[_HeaderEntry] = []
-    for key, entry in obj.items():
-        if type(entry) is not dict or len(entry) != 3:
+    try:
+        distinct = set(signatures)
+    except TypeError:  # an unhashable dtype
+        return None
+    for sig in distinct:
+        dtype, shape = sig
+        if type(dtype) is not str or dtype not in SAFETENSORS_DTYPES or any(d < 0 for d in shape):
             return None
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if type(dtype) is not str or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
-            return None
-        for d in shape:
-            if type(d) is not int:
-                return None
-        begin, end = offsets
-        if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= data_size:
-            return None
-        kind = kinds.get((dtype, *shape))
-        if kind is None:
-            if dtype not in SAFETENSORS_DTYPES or any(d < 0 for d in shape):
-                return None
-            name, bits = SAFETENSORS_DTYPES[dtype]
-            kind = kinds[(dtype, *shape)] = (TensorInfo(tuple(shape), name), -(-math.prod(shape) * bits // 8))
-        if end - begin != kind[1]:
-            return None
-        tensors.append((key, kind[0], (begin, end)))
+        name, bits = SAFETENSORS_DTYPES[dtype]
+        kinds[sig] = (TensorInfo(shape, name), -(-math.prod(shape) * bits // 8))
+    found = list(map(kinds.__getitem__, signatures))
+    if list(map(sub, bounds[1::2], bounds[0::2])) != list(map(itemgetter(1), found)):  # sizes; also begin <= end
+        return None
+    tensors = list(zip(obj, map(itemgetter(0), found), map(tuple, offsets), strict=True))
     if raw.count(b":") != pairs:
         return None
     return tuple(tensors), metadata
@@ -469,12 +480,13 @@ def _read_safetensors(shown: str, files: list[tuple[str, frozenset[str] | None]]
     for n, (shard, listed) in enumerate(files):
         header = read_safetensors_header(shard)
         metadata = header.metadata if n == 0 else metadata
-        _check_index_keys(shard, (k for k, _, _ in header.tensors), listed)
-        for name, info, _ in header.tensors:
-            if name in shard_of:
-                raise _duplicate(shown, name, shard_of[name], shard)
-            shard_of[name] = shard
-            items.append((name, info))
+        names = [k for k, _, _ in header.tensors]
+        _check_index_keys(shard, names, listed)
+        if shard_of and not shard_of.keys().isdisjoint(names):
+            name = next(k for k in names if k in shard_of)
+            raise _duplicate(shown, name, shard_of[name], shard)
+        shard_of.update(dict.fromkeys(names, shard))  # a header names each key once (checked when parsed)
+        items.extend((name, info) for name, info, _ in header.tensors)
     return Checkpoint(
         path=shown,
         fmt="safetensors-sharded" if _is_sharded(files) else "safetensors",

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from keydiff._conventions import LEAVES
-from keydiff._keys import natural_key
 from keydiff._mapping import Entry, Leftover
 from keydiff._patterns import _template, fill_template
 
@@ -45,9 +45,6 @@ def _label(keys: Sequence[str]) -> str:
     return ", ".join(fill_template(t, ix) for t, ix in by_tpl.items())
 
 
-def _split(key: str) -> tuple[str, str]:
-    head, _, leaf = key.rpartition(".")
-    return (head, leaf) if head and leaf in LEAVES else (key, "")
 
 
 
@@ -62,29 +59,65 @@ def _with_leaves(label: str, leaves: list[str]) -> str:
 
 
 def group_entries(entries: Iterable[Entry]) -> list[EntryGroup]:
-    """Module-level rows (``x.{weight,bias}``), in the model's order of their first entry."""
-    groups: dict[tuple, list[tuple[Entry, str]]] = {}
+    """Module-level rows (``x.{weight,bias}``), in the model's order of their first entry.
+
+    Entries are first grouped by the full templates of their keys (one template lookup per key, no parsing of
+    a key twice), then those groups merge into rows by module template; labels are built from index tuples.
+    """
+    # (source templates, target template, op, method) ->
+    #     [first entry, min confidence, count, [source indices per entry], [target indices per entry]]
+    cells: dict[tuple, list] = {}
     for e in entries:
-        heads = tuple(_template(_split(k)[0])[0] for k in e.source)
-        t_head, leaf = _split(e.target)
-        op = e.op.describe()
-        if e.op.kind == "split":
-            op = f"split dim {e.op.dim}, part {e.op.index} of {len(e.op.sizes)}"
-        groups.setdefault((heads, _template(t_head)[0], op, e.evidence.method), []).append((e, leaf))
-    rows = []
-    for (_, _, op, method), members in groups.items():
-        leaves = [leaf for _, leaf in members]
-        n_src = len(members[0][0].source)
+        if len(e.source) == 1:
+            s_tpl, s_ix = _template(e.source[0])
+            s_tpls, s_ixs = (s_tpl,), (s_ix,)
+        else:
+            found = [_template(k) for k in e.source]
+            s_tpls, s_ixs = tuple(t for t, _ in found), tuple(ix for _, ix in found)
+        t_tpl, t_ix = _template(e.target)
+        cid = (s_tpls, t_tpl, id(e.op), e.evidence.method)
+        cell = cells.get(cid)
+        if cell is None:
+            cells[cid] = [e, e.confidence, 1, [s_ixs], [t_ix]]
+        else:
+            if e.confidence < cell[1]:
+                cell[1] = e.confidence
+            cell[2] += 1
+            cell[3].append(s_ixs)
+            cell[4].append(t_ix)
+    rows: dict[tuple, list] = {}
+    ops: dict[int, str] = {}
+    for (s_tpls, t_tpl, op_id, method), cell in cells.items():
+        op = ops.get(op_id)
+        if op is None:
+            o = cell[0].op
+            op = ops[op_id] = (f"split dim {o.dim}, part {o.index} of {len(o.sizes)}" if o.kind == "split"
+                               else o.describe())
+        heads = tuple(_head(t) for t in s_tpls)
+        t_head, t_leaf = _head(t_tpl)
+        rows.setdefault((tuple(h for h, _ in heads), t_head, op, method), []).append((cell, [h[1] for h in heads],
+                                                                                     t_leaf))
+    out = []
+    for (s_heads, t_head, op, method), cells_ in rows.items():
         source = " + ".join(
-            _with_leaves(_label(sorted({_split(e.source[i])[0] for e, _ in members}, key=natural_key)),
-                         [_split(e.source[i])[1] for e, _ in members])
-            for i in range(n_src)
+            _with_leaves(fill_template(head, list(dict.fromkeys(ix[i] for c, _, _ in cells_ for ix in c[3]))),
+                         [leaves[i] for _, leaves, _ in cells_])
+            for i, head in enumerate(s_heads)
         )
-        target = _with_leaves(_label(sorted({_split(e.target)[0] for e, _ in members}, key=natural_key)), leaves)
-        first = members[0][0]
-        rows.append(EntryGroup(source=source, target=target, op=op, method=method, count=len(members),
-                               confidence=min(e.confidence for e, _ in members), note=first.evidence.note))
-    return rows
+        target = _with_leaves(fill_template(t_head, list(dict.fromkeys(ix for c, _, _ in cells_ for ix in c[4]))),
+                              [leaf for _, _, leaf in cells_])
+        first = cells_[0][0][0]
+        out.append(EntryGroup(source=source, target=target, op=op, method=method,
+                              count=sum(c[2] for c, _, _ in cells_), confidence=min(c[1] for c, _, _ in cells_),
+                              note=first.evidence.note))
+    return out
+
+
+@lru_cache(maxsize=1 << 12)
+def _head(template: str) -> tuple[str, str]:
+    """A key template as (module template, leaf name), or (template, "") when the last token is no leaf name."""
+    head, _, leaf = template.rpartition(".")
+    return (head, leaf) if head and leaf in LEAVES else (template, "")
 
 
 def group_leftovers(leftovers: Iterable[Leftover]) -> list[LeftoverGroup]:

@@ -1,0 +1,199 @@
+"""Identical repeats matched once: the key-scale path of the engine.
+
+A mixture-of-experts checkpoint holds ``layers.{0..63}.experts.{0..511}.w1.weight``: 98,000 keys that are 64 x 512
+copies of one small set of names. A *fold* is a container (``layers.3.experts``) whose numbered children all hold
+the same names, shapes and dtypes; only its first child is kept for matching, and the mapping found for it is then
+repeated over the other children, child ``r`` of the checkpoint's fold going to child ``r`` of the model's (the
+order that matching by index sets gives too).
+
+The folded result is used only when it is clean: every fold of one side paired with exactly one fold of the other,
+of the same size, and every key of both sides filled or used by a confident entry. Anything else (a leftover, a
+weak proposal, folds that do not pair) sends the caller back to the full engine, so a fold never changes an answer,
+it only reaches it sooner.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from keydiff._keys import KeySet, TensorInfo, format_indices
+from keydiff._mapping import Entry
+from keydiff._patterns import _template, remember_templates
+
+__all__ = ["FOLD_MIN_KEYS", "Fold", "Folding", "expand_entries", "fold_keys"]
+
+FOLD_MIN_KEYS = 10_000
+"""Below this many unmatched keys (both sides together) the full engine runs on every key."""
+
+_CHILD = re.compile(r"(.*)\.(\d+)\.(.*)")  # greedy: the last numbered token that has a token after it
+
+
+@dataclass(frozen=True, slots=True)
+class Fold:
+    """A container whose numbered children are identical: ``layers.3.experts`` with children ``0..511``."""
+
+    container: str
+    """The container path, ``layers.3.experts``."""
+    tokens: tuple[str, ...]
+    """The children's index tokens in numeric order; the first is the representative that is matched."""
+    heads: tuple[str, ...]
+    """Each child's path, ``layers.3.experts.7``, in the same order."""
+    values: tuple[int, ...]
+    """The index values, in the same order."""
+    slot: int
+    """Which index of a child key's template this fold's index is."""
+
+    @property
+    def cut(self) -> int:
+        """Where a representative key's remainder (``.w1.weight``) starts."""
+        return len(self.container) + 1 + len(self.tokens[0])
+
+    def key_at(self, key: str, rank: int) -> str:
+        """``key`` (a key of the representative child) moved to the child of the given rank."""
+        return f"{self.container}.{self.tokens[rank]}{key[self.cut:]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Folding:
+    """One side's keys with every fold reduced to its representative child."""
+
+    keys: tuple[str, ...]
+    """The kept keys, in the input order."""
+    fold_of: Mapping[str, Fold]
+    """Each kept key of a representative child -> its fold."""
+    folds: tuple[Fold, ...]
+    """Every fold, in the order of first appearance."""
+    dropped: int
+    """How many keys the folds hide."""
+
+
+def fold_keys(keys: Iterable[str], info: Mapping[str, TensorInfo]) -> Folding:
+    """Fold every container whose numbered children (at least two) hold the same names, shapes and dtypes.
+
+    Children are found at a key's last numbered token that has a token after it; a container is folded only if
+    all its children agree, and index tokens must be plain numbers (``07`` is not folded).
+
+    Example:
+        >>> from keydiff._keys import TensorInfo
+        >>> w = TensorInfo((4, 2), "float32")
+        >>> keys = [f"layers.0.experts.{e}.w{i}.weight" for e in range(3) for i in (1, 2)]
+        >>> f = fold_keys(keys, dict.fromkeys(keys, w))
+        >>> f.keys, f.folds[0].tokens, f.dropped
+        (('layers.0.experts.0.w1.weight', 'layers.0.experts.0.w2.weight'), ('0', '1', '2'), 4)
+    """
+    keys = list(keys)
+    info = info.infos if isinstance(info, KeySet) else info
+    # container -> index token -> [(rest, key)]
+    children: dict[str, dict[str, list[tuple[str, str]]]] = {}
+    match = _CHILD.fullmatch
+    for key in keys:
+        m = match(key)
+        if m is not None:
+            container, token, rest = m.groups()
+            kids = children.get(container)
+            if kids is None:
+                kids = children[container] = {}
+            members = kids.get(token)
+            if members is None:
+                kids[token] = [(rest, key)]
+            else:
+                members.append((rest, key))
+    fold_of: dict[str, Fold] = {}
+    hidden: set[str] = set()
+    folds: list[Fold] = []
+    for container, kids in children.items():
+        if len(kids) < 2 or any(t != str(int(t)) for t in kids):
+            continue
+        if not _identical([[(rest, info[key]) for rest, key in members] for members in kids.values()]):
+            continue
+        tokens = tuple(sorted(kids, key=int))
+        heads = tuple(f"{container}.{t}" for t in tokens)
+        fold = Fold(container, tokens, heads, tuple(map(int, tokens)), len(_template(container)[1]))
+        folds.append(fold)
+        for _, key in kids[tokens[0]]:
+            fold_of[key] = fold
+        for token in tokens[1:]:
+            hidden.update(key for _, key in kids[token])
+    kept = tuple(k for k in keys if k not in hidden) if hidden else tuple(keys)
+    return Folding(keys=kept, fold_of=fold_of, folds=tuple(folds), dropped=len(hidden))
+
+
+def _identical(children: list[list[tuple[str, TensorInfo]]]) -> bool:
+    """Whether every child holds the same (remainder, tensor facts) pairs, in any order."""
+    first = children[0]
+    if all(c == first for c in children):  # keys listed in the same order in every child: the usual case
+        return True
+    first = sorted(first, key=_by_name)
+    return all(sorted(c, key=_by_name) == first for c in children)
+
+
+def _by_name(pair: tuple[str, TensorInfo]) -> tuple:
+    return pair[0], pair[1].shape, pair[1].dtype
+
+
+def expand_entries(entries: Sequence[Entry], source: Folding, target: Folding,
+                   to_model: Mapping[str, str], to_raw: Mapping[str, str]) -> list[Entry] | None:
+    """Repeat each entry of a representative child over its fold; None when the folds do not pair one to one.
+
+    ``to_model``/``to_raw`` translate between the checkpoint's stored keys (entries' sources) and the normalised
+    keys the source folding was built on.
+    """
+    pair_of: dict[int, Fold] = {}  # id(source fold) -> target fold
+    back: dict[int, int] = {}  # id(target fold) -> id(source fold)
+    labels: dict[tuple[str, int, int], str] = {}
+    out: list[Entry] = []
+    for e in entries:
+        t_fold = target.fold_of.get(e.target)
+        sources = [to_model[s] for s in e.source]
+        s_folds = [source.fold_of.get(s) for s in sources]
+        if t_fold is None and not any(s_folds):
+            out.append(e)
+            continue
+        if t_fold is None or not all(s_folds):
+            return None  # a repeated tensor mapped from or to a single one
+        for s_fold in s_folds:
+            if len(s_fold.tokens) != len(t_fold.tokens):
+                return None
+            if pair_of.setdefault(id(s_fold), t_fold) is not t_fold:
+                return None
+            if back.setdefault(id(t_fold), id(s_fold)) != id(s_fold):
+                return None
+        evidence = e.evidence
+        if evidence.cluster:
+            cache = (evidence.cluster, id(s_folds[0]), id(t_fold))
+            if cache not in labels:
+                labels[cache] = _relabel(evidence.cluster, s_folds[0], t_fold)
+            evidence = replace(evidence, cluster=labels[cache])
+        # every copy's keys: the fold's child prefixes, each followed by the representative key's remainder
+        columns = [_copies(f, s) for f, s in zip(s_folds, sources, strict=True)]
+        if to_raw is not to_model:
+            columns = [[to_raw[k] for k in column] for column in columns]
+        op, confidence, shapes, shape = e.op, e.confidence, e.source_shapes, e.target_shape
+        out.extend(Entry(source=src, target=target, op=op, confidence=confidence, evidence=evidence,
+                         source_shapes=shapes, target_shape=shape)
+                   for src, target in zip(zip(*columns, strict=True), _copies(t_fold, e.target), strict=True))
+    return out
+
+
+def _copies(fold: Fold, key: str) -> list[str]:
+    """``key`` of the representative child and its copies in the other children, in rank order; their templates
+    are recorded on the way (the same template, one index changed), so later steps need not parse them."""
+    tail = key[fold.cut:]
+    keys = [head + tail for head in fold.heads]
+    template, indices = _template(key)
+    before, after = indices[: fold.slot], indices[fold.slot + 1:]
+    remember_templates(zip(keys, ((template, (*before, v, *after)) for v in fold.values), strict=True))
+    return keys
+
+
+def _relabel(label: str, source: Fold, target: Fold) -> str:
+    """A cluster label of the folded run (``a.experts.0.w1 -> b.experts.0.w1``) with the folds' index sets."""
+    def widen(side: str, fold: Fold) -> str:
+        name = re.escape(fold.container.rpartition(".")[2])
+        values = format_indices(int(t) for t in fold.tokens)
+        return re.sub(rf"(^|\.)({name})\.{fold.tokens[0]}(?=\.|$)", rf"\g<1>\g<2>.{values}", side, count=1)
+
+    left, arrow, right = label.partition(" -> ")
+    return widen(left, source) + arrow + widen(right, target) if arrow else label
