@@ -130,7 +130,7 @@ def _structural_key(key: str) -> str:
     """A string whose plain order is the structural order: per token, a mark that puts a module's own parameter
     (the last token) before its children, then the token with each number written so that it sorts by value,
     and before any text at the same place (as ``natural_key`` does)."""
-    pieces = _RUNS.split(key)
+    pieces = _DECIMALS.split(key)
     pieces[1::2] = [_SORTABLE.get(run) or _sortable(run) for run in pieces[1::2]]
     head, dot, last = "".join(pieces).rpartition(".")
     if not dot:
@@ -141,8 +141,11 @@ def _structural_key(key: str) -> str:
 _SORTABLE: dict[str, str] = {}
 
 
+_DECIMALS = re.compile(r"(\d+)")  # any decimal digits, as natural_key reads them
+
+
 def _sortable(run: str) -> str:
-    digits = run.lstrip("0") or "0"
+    digits = str(int(run))
     found = f"\x03{len(digits):04d}{digits}"
     if len(_SORTABLE) < 1 << 16:
         _SORTABLE[run] = found

@@ -91,3 +91,31 @@ def test_templating_round_trips(parts):
 
 def test_natural_key_orders_numbers_by_value():
     assert sorted(["b.10", "b.9", "b.1"], key=natural_key) == ["b.1", "b.9", "b.10"]
+
+
+_TOKENS = st.sampled_from(["blocks", "layer", "layers", "0", "3", "10", "007", "layer1", "layer12", "block1-0",
+                           "stages_2", "fc2", "w1", "conv2d_1a", "x", "mlp", "weight", "bias", "a٣", "٣", "b0b",
+                           "encoder_layer_11", "res-3", "_", "-1"])
+_KEYS = st.lists(_TOKENS, min_size=1, max_size=6).map(".".join)
+
+
+@given(_KEYS)
+def test_template_per_skeleton_equals_the_token_by_token_reading(key):
+    """The fast templater (index runs decided once per text skeleton) gives what reading each token gives."""
+    from keydiff._patterns import _parse_template, _template_by_token
+
+    assert _parse_template(key) == _template_by_token(key)
+
+
+def _reference_structural_order(keys: list[str]) -> list[str]:
+    def sort_key(key: str) -> tuple:
+        tokens = key.split(".")
+        return tuple((i < len(tokens) - 1, natural_key(t)) for i, t in enumerate(tokens))
+
+    return sorted(keys, key=sort_key)
+
+
+@given(st.lists(_KEYS, max_size=40, unique=True))
+def test_structural_order_equals_the_token_tuple_order(keys):
+    """The one-string sort key orders keys as comparing (is a child, natural key) per token does."""
+    assert structural_order(keys) == _reference_structural_order(keys)

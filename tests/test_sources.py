@@ -503,3 +503,21 @@ def test_valid_headers_parse_and_any_single_change_is_refused_or_parsed(
         assert [list(info.shape) for _, info, _ in parsed.tensors] == [e["shape"] for e in header.values()]
     else:
         _parses_or_refuses(path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(header=headers | valid_files().map(lambda made: made[0]), data_size=st.integers(0, 200))
+def test_fast_header_parser_agrees_with_the_full_one(header: dict[str, object], data_size: int) -> None:
+    """Whatever the C-speed path accepts, the entry-by-entry parser reads the same way."""
+    from unittest import mock
+
+    from keydiff import _sources
+
+    raw = json.dumps(header).encode()
+    fast = _sources._parse_header_fast(raw, data_size)
+    if fast is None:
+        return
+    with mock.patch.object(_sources, "_parse_header_fast", return_value=None):
+        full = _sources._parse_header("h", raw, data_start=0, file_size=data_size)
+    assert fast[0] == full.tensors
+    assert fast[1] == dict(full.metadata)

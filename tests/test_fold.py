@@ -1,0 +1,109 @@
+"""Folds: identical repeats are matched once, and the folded answer is the full engine's answer or is not used."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keydiff import _diff, _fold
+from keydiff._diff import compare_keys
+from keydiff._fold import fold_keys
+from keydiff._keys import KeySet, TensorInfo
+
+DIM, KV, FFN = 8, 4, 16
+
+
+def _moe(layers: int, experts: int, *, hf: bool, prefix: str = "") -> KeySet:
+    """A tiny MoE decoder under Mixtral (``hf``) or original Mistral names."""
+    items: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight" if hf else "tok_embeddings.weight",
+                                                 (32, DIM))]
+    for n in range(layers):
+        base = f"model.layers.{n}." if hf else f"layers.{n}."
+        for a in "qkvo":
+            name = f"self_attn.{a}_proj" if hf else f"attention.w{a}"
+            items.append((f"{base}{name}.weight", (KV if a in "kv" else DIM, DIM)))
+        moe = "block_sparse_moe" if hf else "feed_forward"
+        items.append((f"{base}{moe}.gate.weight", (experts, DIM)))
+        for e in range(experts):
+            for w in ("w1", "w2", "w3"):
+                items.append((f"{base}{moe}.experts.{e}.{w}.weight", (DIM, FFN) if w == "w2" else (FFN, DIM)))
+        items.append((f"{base}{'input_layernorm' if hf else 'attention_norm'}.weight", (DIM,)))
+        items.append((f"{base}{'post_attention_layernorm' if hf else 'ffn_norm'}.weight", (DIM,)))
+    items += [("model.norm.weight" if hf else "norm.weight", (DIM,)),
+              ("lm_head.weight" if hf else "output.weight", (32, DIM))]
+    return KeySet.from_items(((prefix + k, TensorInfo(s, "bfloat16")) for k, s in sorted(items)), origin="moe",
+                             order_is_evidence=False)
+
+
+def _answer(model: KeySet, checkpoint: KeySet, fold: bool, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    monkeypatch.setattr(_diff, "FOLD_MIN_KEYS", 0 if fold else 10**12)
+    d = compare_keys(model, checkpoint)
+    entries = sorted((e.source, e.target, e.op) for e in d.mapping.entries)
+    return entries, sorted(m.key for m in d.mapping.missing), sorted(u.key for u in d.mapping.unused)
+
+
+def test_fold_keeps_one_child_of_identical_repeats():
+    w = TensorInfo((4, 2), "float32")
+    keys = [f"blocks.{b}.experts.{e}.{n}.weight" for b in range(2) for e in range(3) for n in ("w1", "w2")]
+    f = fold_keys(keys, dict.fromkeys(keys, w))
+    assert f.keys == ("blocks.0.experts.0.w1.weight", "blocks.0.experts.0.w2.weight",
+                      "blocks.1.experts.0.w1.weight", "blocks.1.experts.0.w2.weight")
+    assert [(fold.container, fold.tokens) for fold in f.folds] == [("blocks.0.experts", ("0", "1", "2")),
+                                                                    ("blocks.1.experts", ("0", "1", "2"))]
+    assert f.dropped == 8
+
+
+def test_children_that_differ_or_are_written_oddly_are_not_folded():
+    w, v = TensorInfo((4, 2), "float32"), TensorInfo((2, 4), "float32")
+    keys = [f"experts.{e}.w1.weight" for e in range(3)]
+    assert not fold_keys(keys, {**dict.fromkeys(keys, w), keys[2]: v}).folds  # one child has another shape
+    other = [*keys[:2], "experts.2.w2.weight"]  # one child holds another name
+    assert not fold_keys(other, dict.fromkeys(other, w)).folds
+    padded = ["experts.00.w1.weight", "experts.01.w1.weight"]
+    assert not fold_keys(padded, dict.fromkeys(padded, w)).folds
+    assert not fold_keys(keys[:1], dict.fromkeys(keys, w)).folds  # a single child is no repeat
+
+
+def test_copies_carry_the_representatives_template_with_their_own_index():
+    from keydiff._patterns import _parse_template, _template
+
+    w = TensorInfo((4, 2), "float32")
+    keys = [f"layers.{n}.experts.{e}.w1.weight" for n in range(2) for e in range(4)]
+    f = fold_keys(keys, dict.fromkeys(keys, w))
+    fold = f.fold_of["layers.1.experts.0.w1.weight"]
+    copies = _fold._copies(fold, "layers.1.experts.0.w1.weight")
+    assert copies == [f"layers.1.experts.{e}.w1.weight" for e in range(4)]
+    assert [_template(k) for k in copies] == [_parse_template(k) for k in copies]
+
+
+@settings(max_examples=15, deadline=None)
+@given(layers=st.integers(1, 4), experts=st.integers(2, 12), prefix=st.sampled_from(["", "module."]))
+def test_folded_answer_is_the_full_engines_answer(layers, experts, prefix):
+    with pytest.MonkeyPatch.context() as mp:
+        model, ckpt = _moe(layers, experts, hf=False), _moe(layers, experts, hf=True, prefix=prefix)
+        folded = _answer(model, ckpt, True, mp)
+        assert folded == _answer(model, ckpt, False, mp)
+        assert not folded[1] and not folded[2]
+
+
+@pytest.mark.parametrize(("model_experts", "ckpt_experts"), [(8, 6), (6, 8)])
+def test_repeats_that_do_not_pair_fall_back_to_the_full_engine(monkeypatch, model_experts, ckpt_experts):
+    model, ckpt = _moe(2, model_experts, hf=False), _moe(2, ckpt_experts, hf=True)
+    calls = []
+    monkeypatch.setattr(_diff, "expand_entries", lambda *a: calls.append(1) or _fold.expand_entries(*a))
+    folded = _answer(model, ckpt, True, monkeypatch)
+    assert folded == _answer(model, ckpt, False, monkeypatch)
+    assert calls  # the folded route was tried and refused
+    assert folded[1] or folded[2]  # the counts differ: something is left over, and said so
+
+
+def test_per_expert_keys_against_packed_experts_are_not_folded_into_a_wrong_answer(monkeypatch):
+    """Packed experts (one [E, ...] tensor) have no repeats to fold; the per-expert side's fold must not pair."""
+    per_expert = _moe(2, 4, hf=False)
+    packed = KeySet.from_items(
+        [(k, i) for k, i in per_expert.items() if ".experts." not in k]
+        + [(f"layers.{n}.feed_forward.experts.{w}", TensorInfo((4, *((DIM, FFN) if w == "w2" else (FFN, DIM))),
+                                                               "bfloat16"))
+           for n in range(2) for w in ("w1", "w2", "w3")], origin="packed")
+    assert _answer(packed, per_expert, True, monkeypatch) == _answer(packed, per_expert, False, monkeypatch)
