@@ -10,10 +10,10 @@ import bisect
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from keydiff._errors import MappingFileError, MappingMismatch
 from keydiff._ops import Op
@@ -265,24 +265,30 @@ class KeyMap:
     def dumps(self) -> str:
         """The JSON document as text, stable across runs: one line per entry, rule and leftover, so that a diff
         of two mappings reads line by line (and the C encoder does the work)."""
+        return "".join(self._lines())
+
+    def dump(self, file: TextIO) -> None:
+        """Write ``dumps()`` to an open text file, line by line (no 100,000-entry string is built)."""
+        file.writelines(self._lines())
+
+    def _lines(self) -> Iterator[str]:
         doc = self._document([])  # the entries are written by _entry_lines
-        lines = ["{"]
+        yield "{\n"
         items = list(doc.items())
         for n, (name, value) in enumerate(items):
             comma = "," if n < len(items) - 1 else ""
             if name == "entries" and self.entries:
-                lines.append(f" {json.dumps(name)}: [")
-                lines.extend(_entry_lines(self.entries))
-                lines.append(f" ]{comma}")
+                yield f" {json.dumps(name)}: [\n"
+                yield from _entry_lines(self.entries)
+                yield f" ]{comma}\n"
             elif isinstance(value, list) and value:
-                lines.append(f" {json.dumps(name)}: [")
-                lines.extend(f"  {json.dumps(v, ensure_ascii=False)}{',' if i < len(value) - 1 else ''}"
-                             for i, v in enumerate(value))
-                lines.append(f" ]{comma}")
+                yield f" {json.dumps(name)}: [\n"
+                yield from (f"  {json.dumps(v, ensure_ascii=False)}{',' if i < len(value) - 1 else ''}\n"
+                            for i, v in enumerate(value))
+                yield f" ]{comma}\n"
             else:
-                lines.append(f" {json.dumps(name)}: {json.dumps(value, ensure_ascii=False)}{comma}")
-        lines.append("}")
-        return "\n".join(lines) + "\n"
+                yield f" {json.dumps(name)}: {json.dumps(value, ensure_ascii=False)}{comma}\n"
+        yield "}\n"
 
     @classmethod
     def from_json(cls, data: object) -> KeyMap:
@@ -306,7 +312,7 @@ class KeyMap:
 
 
 def _entry_lines(entries: tuple[Entry, ...]) -> list[str]:
-    """``json.dumps(entry.to_json())`` of every entry, one per line with its comma: everything after the keys is
+    """``json.dumps(entry.to_json())`` of every entry, a line each with its comma: everything after the keys is
     serialised once per distinct (op, confidence, evidence, shapes), which repeats across thousands of entries."""
     encode = json.encoder.encode_basestring  # what json.dumps(text, ensure_ascii=False) uses
     tails: dict[tuple, str] = {}
@@ -320,7 +326,7 @@ def _entry_lines(entries: tuple[Entry, ...]) -> list[str]:
             del doc["source"], doc["target"]
             tail = tails[tid] = json.dumps(doc, ensure_ascii=False)[1:]
         source = ", ".join(map(encode, e.source))
-        lines.append(f'  {{"source": [{source}], "target": {encode(e.target)}, {tail}{"," if n < last else ""}')
+        lines.append(f'  {{"source": [{source}], "target": {encode(e.target)}, {tail}{"," if n < last else ""}\n')
     return lines
 
 

@@ -9,11 +9,13 @@ Exit codes: 0 every model key is filled; 1 some stay unresolved; 2 bad input or 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, TextIO
 
 import typer
 
@@ -89,15 +91,19 @@ def _check_output(path: Path, inputs: list[str], what: str) -> Path:
     return target
 
 
-def _write_text(path: Path, text: str, inputs: list[str], what: str) -> None:
-    """Write a text file atomically (temporary file, then rename), never over an input."""
+def _write_text(path: Path, text: str | Callable[[TextIO], None], inputs: list[str], what: str) -> None:
+    """Write a text file atomically (temporary file, then rename), never over an input; ``text`` is the text or
+    a function that writes it to the file."""
     import tempfile
 
     target = _check_output(path, inputs, what)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            if callable(text):
+                text(f)
+            else:
+                f.write(text)
         # mkstemp makes the file private (0600); a report or a mapping gets the usual permissions
         umask = os.umask(0)
         os.umask(umask)
@@ -225,7 +231,7 @@ def diff_command(
             _write_text(emit_python, d.to_python(), inputs, "generated code")
             console.print(f"checkpoint_filter_fn written to {emit_python}")
     if json_path is not None:
-        _write_text(json_path, d.mapping.dumps(), inputs, "mapping")
+        _write_text(json_path, d.mapping.dump, inputs, "mapping")
         console.print(f"mapping written to {json_path}")
     if output is not None:
         if not d.ok and not partial:
@@ -401,4 +407,10 @@ def entry_point() -> None:
     # collector stays off while keys are compared and comes back, rarely, for the tensor work (see _convert).
     gc.disable()
     gc.set_threshold(100_000, 50, 1000)
-    sys.exit(main())
+    code = main()
+    # Every output is written, synced and closed by now. Tearing down the interpreter would free those millions
+    # of objects one by one (a tenth of a 100k-key run) for nothing: flush what is printed and leave at once.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (keydiff ... | head): nothing to add
+            stream.flush()
+    os._exit(code)
