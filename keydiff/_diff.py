@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from keydiff._diagnose import Diagnosis, diagnose
-from keydiff._fold import FOLD_MIN_KEYS, expand_entries, fold_keys
+from keydiff._fold import FOLD_MIN_KEYS, FOLD_MIN_SHARE, expand_entries, fold_keys
 from keydiff._keys import KeySet, natural_key
 from keydiff._mapping import Entry, Evidence, KeyMap, Leftover, Unwrap, compress_rules
 from keydiff._match import Pairing, match_units, name_similarity, shape_relation
@@ -334,7 +334,7 @@ def _match_folded(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_re
     """The engine on both sides' folds (identical repeats kept once), its entries repeated over the folds; None
     unless that answer is clean (see ``keydiff._fold``)."""
     src, dst = fold_keys(src_rest, checkpoint), fold_keys(dst_rest, model)
-    if not src.folds or not dst.folds or src.dropped + dst.dropped < (len(src_rest) + len(dst_rest)) // 2:
+    if not src.folds or not dst.folds or src.dropped + dst.dropped < FOLD_MIN_SHARE * (len(src_rest) + len(dst_rest)):
         return None
     entries, notes = _match(checkpoint, model, list(src.keys), list(dst.keys), to_raw)
     if any(e.confidence < min_confidence for e in entries):

@@ -22,10 +22,12 @@ from keydiff._keys import KeySet, TensorInfo, format_indices
 from keydiff._mapping import Entry
 from keydiff._patterns import _template, remember_templates
 
-__all__ = ["FOLD_MIN_KEYS", "Fold", "Folding", "expand_entries", "fold_keys"]
+__all__ = ["FOLD_MIN_KEYS", "FOLD_MIN_SHARE", "Fold", "Folding", "expand_entries", "fold_keys"]
 
 FOLD_MIN_KEYS = 10_000
 """Below this many unmatched keys (both sides together) the full engine runs on every key."""
+FOLD_MIN_SHARE = 0.5
+"""Folds are used only when they hide at least this share of the unmatched keys."""
 
 _CHILD = re.compile(r"(.*)\.(\d+)\.(.*)")  # greedy: the last numbered token that has a token after it
 

@@ -38,6 +38,7 @@ def _moe(layers: int, experts: int, *, hf: bool, prefix: str = "") -> KeySet:
 
 def _answer(model: KeySet, checkpoint: KeySet, fold: bool, monkeypatch: pytest.MonkeyPatch) -> tuple:
     monkeypatch.setattr(_diff, "FOLD_MIN_KEYS", 0 if fold else 10**12)
+    monkeypatch.setattr(_diff, "FOLD_MIN_SHARE", 0.0)
     d = compare_keys(model, checkpoint)
     entries = sorted((e.source, e.target, e.op) for e in d.mapping.entries)
     return entries, sorted(m.key for m in d.mapping.missing), sorted(u.key for u in d.mapping.unused)
@@ -107,3 +108,25 @@ def test_per_expert_keys_against_packed_experts_are_not_folded_into_a_wrong_answ
                                                                "bfloat16"))
            for n in range(2) for w in ("w1", "w2", "w3")], origin="packed")
     assert _answer(packed, per_expert, True, monkeypatch) == _answer(packed, per_expert, False, monkeypatch)
+
+
+def _corpus():
+    from pairs import CORPUS_PAIRS
+    from test_corpus import NEGATIVE
+
+    return [*CORPUS_PAIRS, *(p for _, p in NEGATIVE)]
+
+
+@pytest.mark.parametrize("pair", _corpus(), ids=lambda p: p.name)
+def test_forcing_folds_on_real_pairs_changes_no_answer(pair, tmp_path, monkeypatch):
+    """Blocks of a ViT, stages of a ResNet: forced to fold even when small, every corpus pair (negatives too) gets
+    the full engine's answer, or the fold steps aside."""
+    from keydiff._model import read_model
+    from keydiff._sources import read_checkpoint
+
+    from pairs import write_source
+
+    path, _ = write_source(pair, tmp_path)
+    model = read_model(pair.target, pair.target_kwargs)
+    ckpt = read_checkpoint(path).keys
+    assert _answer(model, ckpt, True, monkeypatch) == _answer(model, ckpt, False, monkeypatch)
