@@ -10,6 +10,7 @@ import heapq
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from keydiff._diagnose import Diagnosis, diagnose
@@ -228,6 +229,20 @@ def _model_side(model: Any, model_args: Mapping[str, Any], unsafe_pickle: bool) 
     return keyset_of(model, origin=type(model).__name__)
 
 
+def _large_safetensors(spec: Any) -> bool:
+    """Whether ``spec`` is a single safetensors file whose header is large enough to read on another core."""
+    from keydiff._background import MIN_BYTES
+
+    if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec).endswith(".safetensors"):
+        return False
+    try:
+        with open(spec, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return len(head) == 8 and int.from_bytes(head, "little") >= MIN_BYTES
+
+
 def _reorder(ks: KeySet) -> KeySet:
     return KeySet.from_items(((k, ks[k]) for k in structural_order(ks)), origin=ks.origin, order_is_evidence=False)
 
@@ -251,11 +266,20 @@ def diff(model: Any, checkpoint: Any, *, key: str | None = None, unsafe_pickle: 
     Raises:
         InputError: an input cannot be read (see ``keydiff.InputError``'s subclasses).
     """
-    model_keys = _model_side(model, model_args, unsafe_pickle)
+    background = None
+    if isinstance(checkpoint, (str, os.PathLike)) and _large_safetensors(model):
+        from keydiff._background import BackgroundKeys
+
+        # two large headers: the model's is parsed on the other core while this process parses the checkpoint's
+        background = BackgroundKeys(lambda: _model_side(model, model_args, unsafe_pickle))
+    else:
+        model_keys = _model_side(model, model_args, unsafe_pickle)
     if isinstance(checkpoint, (str, os.PathLike)):
         from keydiff._sources import read_checkpoint
 
         ckpt = read_checkpoint(checkpoint, key=key, unsafe_pickle=unsafe_pickle)
+        if background is not None:
+            model_keys = background.result() or _model_side(model, model_args, unsafe_pickle)
         facts = dict(container=ckpt.container, alternatives=ckpt.alternatives, non_tensor=ckpt.non_tensor_keys)
         return compare_keys(model_keys, ckpt.keys, source=ckpt, min_confidence=min_confidence,
                             checkpoint_format=ckpt.fmt, **facts)
@@ -342,7 +366,7 @@ def _match_folded(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_re
     expanded = expand_entries(entries, src, dst, to_model, to_raw)
     if expanded is None or len(expanded) != len(dst_rest):
         return None
-    used = {k for e in expanded for k in e.source}
+    used = set(chain.from_iterable(e.source for e in expanded))
     if len(used) != len(src_rest) or len({e.target for e in expanded}) != len(dst_rest):
         return None
     return expanded, notes
@@ -442,7 +466,7 @@ def _keymap(model: KeySet, checkpoint: KeySet, applied: tuple[Entry, ...], propo
             mismatched: Mapping[str, tuple[int, ...]], prefix: Prefix, container: str,
             min_confidence: float) -> KeyMap:
     filled = {e.target for e in applied}
-    used = {k for e in applied for k in e.source}
+    used = set(chain.from_iterable(e.source for e in applied))
     weak = {e.target: e for e in proposed if e.confidence < min_confidence}
     weak_src = {k: e for e in weak.values() for k in e.source}
     missing_keys = [k for k in model if k not in filled]

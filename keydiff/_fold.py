@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from keydiff._keys import KeySet, TensorInfo, format_indices
 from keydiff._mapping import Entry
@@ -29,7 +30,7 @@ FOLD_MIN_KEYS = 10_000
 FOLD_MIN_SHARE = 0.5
 """Folds are used only when they hide at least this share of the unmatched keys."""
 
-_CHILD = re.compile(r"(.*)\.(\d+)\.(.*)")  # greedy: the last numbered token that has a token after it
+_CHILD = re.compile(r"(.*)\.(\d+)\.")  # greedy: the last numbered token that has a token after it
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,38 +88,40 @@ def fold_keys(keys: Iterable[str], info: Mapping[str, TensorInfo]) -> Folding:
     """
     keys = list(keys)
     info = info.infos if isinstance(info, KeySet) else info
-    # container -> index token -> [(rest, key)]
-    children: dict[str, dict[str, list[tuple[str, str]]]] = {}
-    match = _CHILD.fullmatch
+    children: dict[str, dict[str, list[str]]] = {}  # container -> index token -> keys
+    match = _CHILD.match
     for key in keys:
         m = match(key)
         if m is not None:
-            container, token, rest = m.groups()
+            container, token = m.group(1, 2)
             kids = children.get(container)
             if kids is None:
-                kids = children[container] = {}
-            members = kids.get(token)
-            if members is None:
-                kids[token] = [(rest, key)]
+                children[container] = {token: [key]}
             else:
-                members.append((rest, key))
+                members = kids.get(token)
+                if members is None:
+                    kids[token] = [key]
+                else:
+                    members.append(key)
     fold_of: dict[str, Fold] = {}
-    hidden: set[str] = set()
+    hidden: list[str] = []
     folds: list[Fold] = []
     for container, kids in children.items():
-        if len(kids) < 2 or any(t != str(int(t)) for t in kids):
+        groups = list(kids.values())
+        if len(groups) < 2 or len(set(map(len, groups))) != 1 or any(t != str(int(t)) for t in kids):
             continue
-        if not _identical([[(rest, info[key]) for rest, key in members] for members in kids.values()]):
+        start = len(container) + 2  # a child key is container + "." + token + "." + remainder
+        if not _identical([[(k[start + len(t):], info[k]) for k in members] for t, members in kids.items()]):
             continue
         tokens = tuple(sorted(kids, key=int))
         heads = tuple(f"{container}.{t}" for t in tokens)
         fold = Fold(container, tokens, heads, tuple(map(int, tokens)), len(_template(container)[1]))
         folds.append(fold)
-        for _, key in kids[tokens[0]]:
-            fold_of[key] = fold
+        fold_of.update(dict.fromkeys(kids[tokens[0]], fold))
         for token in tokens[1:]:
-            hidden.update(key for _, key in kids[token])
-    kept = tuple(k for k in keys if k not in hidden) if hidden else tuple(keys)
+            hidden.extend(kids[token])
+    gone = set(hidden)
+    kept = tuple(k for k in keys if k not in gone) if gone else tuple(keys)
     return Folding(keys=kept, fold_of=fold_of, folds=tuple(folds), dropped=len(hidden))
 
 
@@ -186,15 +189,29 @@ def _copies(fold: Fold, key: str) -> list[str]:
     keys = [head + tail for head in fold.heads]
     template, indices = _template(key)
     before, after = indices[: fold.slot], indices[fold.slot + 1:]
-    remember_templates(zip(keys, ((template, (*before, v, *after)) for v in fold.values), strict=True))
+    singles = _singles(fold.values)
+    if after:
+        remember_templates(zip(keys, [(template, before + v + after) for v in singles], strict=True))
+    else:
+        remember_templates(zip(keys, [(template, before + v) for v in singles], strict=True))
     return keys
+
+
+@lru_cache(maxsize=256)
+def _singles(values: tuple[int, ...]) -> tuple[tuple[int], ...]:
+    return tuple((v,) for v in values)
+
+
+@lru_cache(maxsize=256)
+def _index_set(values: tuple[int, ...]) -> str:
+    return format_indices(values)
 
 
 def _relabel(label: str, source: Fold, target: Fold) -> str:
     """A cluster label of the folded run (``a.experts.0.w1 -> b.experts.0.w1``) with the folds' index sets."""
     def widen(side: str, fold: Fold) -> str:
         name = re.escape(fold.container.rpartition(".")[2])
-        values = format_indices(int(t) for t in fold.tokens)
+        values = _index_set(fold.values)
         return re.sub(rf"(^|\.)({name})\.{fold.tokens[0]}(?=\.|$)", rf"\g<1>\g<2>.{values}", side, count=1)
 
     left, arrow, right = label.partition(" -> ")

@@ -129,26 +129,27 @@ def structural_order(keys: Iterable[str]) -> list[str]:
 def _structural_key(key: str) -> str:
     """A string whose plain order is the structural order: per token, a mark that puts a module's own parameter
     (the last token) before its children, then the token with each number written so that it sorts by value,
-    and before any text at the same place (as ``natural_key`` does)."""
-    pieces = _DECIMALS.split(key)
-    pieces[1::2] = [_SORTABLE.get(run) or _sortable(run) for run in pieces[1::2]]
-    head, dot, last = "".join(pieces).rpartition(".")
-    if not dot:
-        return "\x01" + last
-    return "\x02" + head.replace(".", "\x00\x02") + "\x00\x01" + last
-
-
-_SORTABLE: dict[str, str] = {}
+    and before any text at the same place (as ``natural_key`` does). Tokens repeat across keys; each is written
+    once."""
+    tokens = key.split(".")
+    last = tokens.pop()
+    inner = _INNER.get
+    return "".join([inner(t) or _token_key(t, "\x02", "\x00") for t in tokens]) + (
+        _LAST.get(last) or _token_key(last, "\x01", ""))
 
 
 _DECIMALS = re.compile(r"(\d+)")  # any decimal digits, as natural_key reads them
+_INNER: dict[str, str] = {}
+_LAST: dict[str, str] = {}
 
 
-def _sortable(run: str) -> str:
-    digits = str(int(run))
-    found = f"\x03{len(digits):04d}{digits}"
-    if len(_SORTABLE) < 1 << 16:
-        _SORTABLE[run] = found
+def _token_key(token: str, mark: str, end: str) -> str:
+    pieces = _DECIMALS.split(token)
+    pieces[1::2] = [f"\x03{len(digits):04d}{digits}" for digits in map(str, map(int, pieces[1::2]))]
+    found = mark + "".join(pieces) + end
+    table = _LAST if mark == "\x01" else _INNER
+    if len(table) < 1 << 16:
+        table[token] = found
     return found
 
 

@@ -1,0 +1,65 @@
+"""Reading one side on the other core: the same key set as reading it here, or nothing (and the caller reads)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from test_scale import moe_pair, write_header
+
+from keydiff import _background, _diff
+from keydiff._background import BackgroundKeys
+from keydiff._keys import KeySet, TensorInfo
+from keydiff._sources import read_checkpoint
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+def _keys() -> KeySet:
+    items = [(f"layers.{n}.w{i}", TensorInfo((n + 1, i), "bfloat16" if i % 2 else "float32"))
+             for n in range(50) for i in range(3)]
+    return KeySet.from_items(items, origin="here", order_is_evidence=False)
+
+
+def test_the_childs_key_set_is_the_one_read_here():
+    got = BackgroundKeys(_keys).result()
+    assert got == _keys()
+    assert (got.origin, got.order_is_evidence) == ("here", False)
+    assert list(got) == list(_keys())
+
+
+def test_a_failing_child_gives_nothing_and_the_caller_reads_itself():
+    def broken() -> KeySet:
+        raise RuntimeError("boom")
+
+    assert BackgroundKeys(broken).result() is None
+
+
+def test_no_fork_while_other_threads_run():
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert BackgroundKeys(_keys).result() is None
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_diff_of_two_safetensors_files_is_the_same_read_either_way(tmp_path, monkeypatch):
+    pairs = moe_pair(layers=12, experts=4)  # layers.10 sorts before layers.2 in the file, not in the model
+    a, b = tmp_path / "original.safetensors", tmp_path / "hf.safetensors"
+    write_header(a, [(o, s) for o, _, s in pairs])
+    write_header(b, [(h, s) for _, h, s in pairs])
+    calls = []
+    monkeypatch.setattr(_background.BackgroundKeys, "result",
+                        lambda self, _r=_background.BackgroundKeys.result: calls.append(1) or _r(self))
+    monkeypatch.setattr(_background, "MIN_BYTES", 0)
+    forked = _diff.diff(str(a), str(b))
+    monkeypatch.setattr(_background, "MIN_BYTES", 1 << 60)
+    here = _diff.diff(str(a), str(b))
+    assert calls == [1]
+    assert forked.model == here.model and list(forked.model) == list(here.model)
+    assert forked.mapping.entries == here.mapping.entries
+    assert read_checkpoint(a).keys.items_ != here.model.items_  # the model side was put in structural order
