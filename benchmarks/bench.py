@@ -320,7 +320,7 @@ def byte_compile() -> str:
     if spec is None or spec.origin is None:
         return "keydiff not importable"
     compileall.compile_dir(os.path.dirname(spec.origin), quiet=1)
-    return "keydiff byte-compiled as an installed package is"
+    return "keydiff modules byte-compiled, as pip install leaves them"
 
 
 def machine() -> list[str]:

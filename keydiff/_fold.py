@@ -53,10 +53,6 @@ class Fold:
         """Where a representative key's remainder (``.w1.weight``) starts."""
         return len(self.container) + 1 + len(self.tokens[0])
 
-    def key_at(self, key: str, rank: int) -> str:
-        """``key`` (a key of the representative child) moved to the child of the given rank."""
-        return f"{self.container}.{self.tokens[rank]}{key[self.cut:]}"
-
 
 @dataclass(frozen=True, slots=True)
 class Folding:
@@ -75,8 +71,9 @@ class Folding:
 def fold_keys(keys: Iterable[str], info: Mapping[str, TensorInfo]) -> Folding:
     """Fold every container whose numbered children (at least two) hold the same names, shapes and dtypes.
 
-    Children are found at a key's last numbered token that has a token after it; a container is folded only if
-    all its children agree, and index tokens must be plain numbers (``07`` is not folded).
+    A key's child is found at its last numbered token that has a token after it, so the children of
+    ``layers`` hold each layer's own tensors (attention, norms) while the experts fold under ``layers.N.experts``.
+    A container is folded only if all its children agree, and index tokens must be plain numbers (``07`` is not).
 
     Example:
         >>> from keydiff._keys import TensorInfo
