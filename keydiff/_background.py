@@ -2,7 +2,7 @@
 
 The child is a fork that parses one header (and puts its keys in structural order) while this process parses the
 other, then sends back a compact table (keys, one small index per key into the distinct (shape, dtype) kinds) with
-``marshal``. Anything unusual (no ``fork``, other threads running, a child that fails for any reason) makes
+``marshal``. Anything unusual (not Linux, other threads running, a child that fails for any reason) makes
 ``result()`` return None and the caller reads the file itself, so errors are raised, and worded, in one place.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import marshal
 import os
+import sys
 import threading
 from collections.abc import Callable
 
@@ -27,8 +28,8 @@ class BackgroundKeys:
     def __init__(self, read: Callable[[], KeySet]) -> None:
         self._pid = 0
         self._fd = -1
-        if not hasattr(os, "fork") or threading.active_count() > 1:
-            return  # forking a threaded process can deadlock the child
+        if not sys.platform.startswith("linux") or threading.active_count() > 1:
+            return  # forking a threaded process can deadlock the child; elsewhere fork has other caveats
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: never returns
@@ -42,6 +43,13 @@ class BackgroundKeys:
                 os._exit(code)
         os.close(w)
         self._pid, self._fd = pid, r
+
+    def close(self) -> None:
+        """Give up on the child (the caller failed first): it stops at its next write, and is reaped."""
+        if self._pid:
+            os.close(self._fd)
+            os.waitpid(self._pid, 0)
+            self._pid = 0
 
     def result(self) -> KeySet | None:
         """The child's key set, or None if there is none (the caller then reads the file itself)."""

@@ -277,7 +277,12 @@ def diff(model: Any, checkpoint: Any, *, key: str | None = None, unsafe_pickle: 
     if isinstance(checkpoint, (str, os.PathLike)):
         from keydiff._sources import read_checkpoint
 
-        ckpt = read_checkpoint(checkpoint, key=key, unsafe_pickle=unsafe_pickle)
+        try:
+            ckpt = read_checkpoint(checkpoint, key=key, unsafe_pickle=unsafe_pickle)
+        except BaseException:
+            if background is not None:
+                background.close()
+            raise
         if background is not None:
             model_keys = background.result() or _model_side(model, model_args, unsafe_pickle)
         facts = dict(container=ckpt.container, alternatives=ckpt.alternatives, non_tensor=ckpt.non_tensor_keys)

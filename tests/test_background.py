@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import pytest
@@ -13,7 +14,7 @@ from keydiff._background import BackgroundKeys
 from keydiff._keys import KeySet, TensorInfo
 from keydiff._sources import read_checkpoint
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child is forked on Linux only")
 
 
 def _keys() -> KeySet:
@@ -63,3 +64,27 @@ def test_diff_of_two_safetensors_files_is_the_same_read_either_way(tmp_path, mon
     assert forked.model == here.model and list(forked.model) == list(here.model)
     assert forked.mapping.entries == here.mapping.entries
     assert read_checkpoint(a).keys.items_ != here.model.items_  # the model side was put in structural order
+
+
+def test_a_child_given_up_on_is_reaped(tmp_path):
+    """The checkpoint side failed first: the child is stopped and reaped, not left blocked on its pipe."""
+    big = KeySet.from_items([(f"k.{i}", TensorInfo((i,), "float32")) for i in range(200_000)], origin="big")
+    background = BackgroundKeys(lambda: big)
+    background.close()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # no child left
+
+
+def test_a_bad_checkpoint_beside_a_large_model_file_is_reported_and_leaves_no_child(tmp_path, monkeypatch):
+    from keydiff._errors import CheckpointError
+
+    pairs = moe_pair(layers=2, experts=4)
+    a = tmp_path / "original.safetensors"
+    write_header(a, [(o, s) for o, _, s in pairs])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    monkeypatch.setattr(_background, "MIN_BYTES", 0)
+    with pytest.raises(CheckpointError):
+        _diff.diff(str(a), str(bad))
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
