@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from keydiff._errors import ModelError, UsageError
@@ -14,7 +14,7 @@ from keydiff._keys import KeySet, TensorInfo
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["keyset_of", "parse_model_args", "read_model"]
+__all__ = ["keyset_of", "model_factory", "parse_model_args", "read_model"]
 
 
 def parse_model_args(items: Iterable[str]) -> dict[str, Any]:
@@ -64,46 +64,65 @@ def _build(factory: Any, kwargs: dict[str, Any], spec: str) -> nn.Module:
         raise ModelError(f"cannot build {spec}: {type(exc).__name__}: {exc}") from exc
 
 
+def model_factory(spec: str) -> Callable[..., nn.Module]:
+    """What builds the model a spec names, called with the model's keyword arguments.
+
+    Args:
+        spec: a timm model name, ``package.module:callable``, or ``transformers:ModelClass`` (keyword arguments
+            then go to the class's config).
+
+    Raises:
+        ModelError: unknown timm name (close names are suggested), or the module or class cannot be imported.
+    """
+    if spec.startswith("transformers:"):
+        try:
+            import transformers
+
+            cls = getattr(transformers, spec.partition(":")[2])
+        except (ImportError, AttributeError) as exc:
+            raise ModelError(f"cannot import {spec}: {exc}") from exc
+        return lambda **kw: cls(cls.config_class(**kw))
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ModelError(f"cannot import {spec}: {exc}") from exc
+    import timm
+
+    if not timm.is_model(spec):
+        raise ModelError(f"unknown timm model {spec!r}{_suggest(spec)}")
+    return lambda **kw: timm.create_model(spec, **{"pretrained": False, **kw})
+
+
 def read_model(spec: str, model_args: Mapping[str, Any] | None = None) -> KeySet:
     """Build a model from its spec on the meta device and read its keys.
 
     Args:
-        spec: a timm model name (``vit_base_patch16_224``) or ``package.module:callable`` returning an
-            ``nn.Module``.
-        model_args: keyword arguments for ``timm.create_model`` or the callable.
+        spec: a timm model name (``vit_base_patch16_224``), ``package.module:callable`` returning an
+            ``nn.Module``, or ``transformers:ModelClass``.
+        model_args: keyword arguments for ``timm.create_model``, the callable, or the transformers config.
 
     Raises:
         ModelError: unknown name (close names are suggested), import failure, or the model fails to build.
     """
     kwargs = dict(model_args or {})
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ModelError(f"cannot import {spec}: {exc}") from exc
-        model = _build(factory, kwargs, spec)
-    else:
+    timm_name = ":" not in spec
+    if timm_name:
         from keydiff._cache import load_model_keys
 
         # a timm model seen before: its keys come from the cache, and neither torch nor timm is imported
-        given = dict(kwargs)
-        cached = load_model_keys(spec, given)
+        cached = load_model_keys(spec, kwargs)
         if cached is not None:
             return cached
-        import timm
-
-        if not timm.is_model(spec):
-            raise ModelError(f"unknown timm model {spec!r}{_suggest(spec)}")
-        kwargs.setdefault("pretrained", False)
-        model = _build(lambda **kw: timm.create_model(spec, **kw), kwargs, spec)
+    model = _build(model_factory(spec), kwargs, spec)
     if not hasattr(model, "state_dict"):
         raise ModelError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     keys = keyset_of(model, origin=spec)
-    if ":" not in spec:
+    if timm_name:
         from keydiff._cache import store_model_keys
 
-        store_model_keys(spec, given, keys)
+        store_model_keys(spec, kwargs, keys)
     return keys
 
 

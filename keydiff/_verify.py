@@ -8,13 +8,13 @@ result into the target, and compares every output of the source with the target'
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from keydiff._errors import ModelError
+from keydiff._model import model_factory
 
 if TYPE_CHECKING:
     import torch
@@ -80,26 +80,14 @@ def build_source(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
             class's config with ``kwargs``).
         kwargs: keyword arguments for the factory, or the transformers config.
     """
-    if spec.startswith("transformers:"):
-        try:
-            import transformers
-
-            cls = getattr(transformers, spec.partition(":")[2])
-            return cls(cls.config_class(**kwargs)).eval()
-        except (ImportError, AttributeError, TypeError, ValueError) as exc:
-            raise ModelError(f"cannot build {spec}: {exc}") from exc
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-            return factory(**kwargs).eval()
-        except Exception as exc:  # the user's model code may raise anything
-            raise ModelError(f"cannot build {spec}: {type(exc).__name__}: {exc}") from exc
-    import timm
-
-    if not timm.is_model(spec):
-        raise ModelError(f"unknown timm model {spec!r}")
-    return timm.create_model(spec, pretrained=False, **kwargs).eval()
+    factory = model_factory(spec)
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # the user's model code may raise anything
+        raise ModelError(f"cannot build {spec}: {type(exc).__name__}: {exc}") from exc
+    if not hasattr(model, "eval"):
+        raise ModelError(f"{spec} returned {type(model).__name__}, not an nn.Module")
+    return model.eval()
 
 
 def _call(model: nn.Module, x: torch.Tensor) -> Any:

@@ -47,3 +47,19 @@ def test_verify_reports_a_source_that_does_not_fit_the_checkpoint(tmp_path, caps
                  *pair.model_args()])
     assert code == 2
     assert "does not load into the source model" in capsys.readouterr().err
+
+
+def test_transformers_spec_is_a_model_for_diff_too(tmp_path):
+    """``transformers:ModelClass`` with config arguments names the model side of a diff, as it does for verify."""
+    import transformers
+    from safetensors.torch import save_file
+
+    import keydiff
+
+    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+               patch_size=8)
+    model = transformers.ViTModel(transformers.ViTConfig(**cfg))
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    d = keydiff.diff("transformers:ViTModel", str(path), **cfg)
+    assert d.ok and d.exact == len(d.model) == len(model.state_dict())
