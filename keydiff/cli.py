@@ -162,7 +162,8 @@ def _convert(mapping, source, keys, output: Path, inputs: list[str], shard: int 
 
 @app.command("diff")
 def diff_command(
-    model: Annotated[str, typer.Argument(help="timm model name, package.module:callable, or a checkpoint file.")],
+    model: Annotated[str, typer.Argument(
+        help="timm model name, package.module:callable, transformers:ModelClass, or a checkpoint file.")],
     checkpoint: Annotated[Path, typer.Argument(
         help="Checkpoint: .safetensors, sharded index/dir, .pth/.pt/.bin/.ckpt.")],
     model_arg: ModelArgs = None,
@@ -273,7 +274,8 @@ def verify_command(
     source: Annotated[str, typer.Argument(help="Source model: timm name, package.module:callable, or "
                                                "transformers:ModelClass (built from its config).")],
     checkpoint: Annotated[Path, typer.Argument(help="The source model's checkpoint.")],
-    target: Annotated[str, typer.Argument(help="Target model: timm name or package.module:callable.")],
+    target: Annotated[str, typer.Argument(
+        help="Target model: timm name, package.module:callable or transformers:ModelClass.")],
     source_arg: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
         "-s", "--source-arg", metavar="KEY=VALUE", help="Keyword argument for the source model or its config.")] = None,
     model_arg: ModelArgs = None,
