@@ -11,7 +11,7 @@ from typing import Literal
 from keydiff._keys import KeySet
 from keydiff._mapping import KeyMap
 from keydiff._normalize import Prefix
-from keydiff._patterns import _template, name_tokens
+from keydiff._patterns import name_tokens, template_of
 
 __all__ = ["Diagnosis", "diagnose"]
 
@@ -42,7 +42,7 @@ def _depth(keys: Sequence[str]) -> tuple[str, int] | None:
     counts: Counter[str] = Counter()
     values: dict[str, set[int]] = {}
     for key in keys:
-        tpl, ix = _template(key)
+        tpl, ix = template_of(key)
         if not ix:
             continue
         head = tpl[: tpl.index("{}") + 2]

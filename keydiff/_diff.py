@@ -21,7 +21,7 @@ from keydiff._match import Pairing, match_units, name_similarity, shape_relation
 from keydiff._model import keyset_of, read_model
 from keydiff._normalize import Prefix, find_prefix
 from keydiff._ops import Op
-from keydiff._patterns import Cluster, Unit, _template, build_clusters, build_units, structural_order
+from keydiff._patterns import Cluster, Unit, build_clusters, build_units, structural_order, template_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -206,7 +206,7 @@ def _summarise(keys: list[str]) -> str:
         return ""
     groups: dict[str, list[tuple[int, ...]]] = {}
     for k in keys:
-        tpl, ix = _template(k)
+        tpl, ix = template_of(k)
         groups.setdefault(tpl, []).append(ix)
     from keydiff._patterns import fill_template
 
@@ -534,7 +534,7 @@ class _Pool:
         """Shape, template of the module path, and natural sort key of an unused key."""
         found = self._facts.get(k)
         if found is None:
-            tpl = _template(self._prefix.apply(k).rpartition(".")[0] or k)[0]
+            tpl = template_of(self._prefix.apply(k).rpartition(".")[0] or k)[0]
             found = self._facts[k] = (self._checkpoint[k].shape, tpl, natural_key(k))
         return found
 
@@ -566,7 +566,7 @@ def _candidates(key: str, shape: tuple[int, ...], pool: _Pool) -> list[tuple[str
     if not pool.keys:
         return []
     groups = pool.groups(None if len(pool.keys) <= 2000 else shape)
-    tpl = _template(key.rpartition(".")[0] or key)[0]
+    tpl = template_of(key.rpartition(".")[0] or key)[0]
     # keys rank by (not fits, -name similarity, natural order); the first two depend only on a key's shape and
     # template, so whole groups are ranked and only the best groups' (already sorted) members are read
     ranked: dict[tuple[bool, float], list[list[tuple[tuple, str]]]] = {}

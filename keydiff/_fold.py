@@ -21,7 +21,7 @@ from functools import lru_cache
 
 from keydiff._keys import KeySet, TensorInfo, format_indices
 from keydiff._mapping import Entry
-from keydiff._patterns import _template, remember_templates
+from keydiff._patterns import remember_templates, template_of
 
 __all__ = ["FOLD_MIN_KEYS", "FOLD_MIN_SHARE", "Fold", "Folding", "expand_entries", "fold_keys"]
 
@@ -112,7 +112,7 @@ def fold_keys(keys: Iterable[str], info: Mapping[str, TensorInfo]) -> Folding:
             continue
         tokens = tuple(sorted(kids, key=int))
         heads = tuple(f"{container}.{t}" for t in tokens)
-        fold = Fold(container, tokens, heads, tuple(map(int, tokens)), len(_template(container)[1]))
+        fold = Fold(container, tokens, heads, tuple(map(int, tokens)), len(template_of(container)[1]))
         folds.append(fold)
         fold_of.update(dict.fromkeys(kids[tokens[0]], fold))
         for token in tokens[1:]:
@@ -184,7 +184,7 @@ def _copies(fold: Fold, key: str) -> list[str]:
     are recorded on the way (the same template, one index changed), so later steps need not parse them."""
     tail = key[fold.cut:]
     keys = [head + tail for head in fold.heads]
-    template, indices = _template(key)
+    template, indices = template_of(key)
     before, after = indices[: fold.slot], indices[fold.slot + 1:]
     singles = _singles(fold.values)
     if after:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from keydiff._errors import MappingFileError, MappingMismatch
 from keydiff._ops import Op
-from keydiff._patterns import _template
+from keydiff._patterns import template_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -348,8 +348,8 @@ def compress_rules(entries: Iterable[Entry]) -> tuple[Rule, ...]:
     # group id -> (probe key, wanted target, kind, member count)
     groups: dict[tuple, list] = {}
     for e in singles:
-        s_tpl, s_ix = _template(e.source[0])
-        t_tpl, t_ix = _template(e.target)
+        s_tpl, s_ix = template_of(e.source[0])
+        t_tpl, t_ix = template_of(e.target)
         if s_ix == t_ix:
             gid: tuple = (s_tpl, t_tpl, e.op.kind)
             if gid in groups:
@@ -370,8 +370,8 @@ def compress_rules(entries: Iterable[Entry]) -> tuple[Rule, ...]:
         for cut in range(n, -1, -1):
             s_head = ".".join(s_tokens[: len(s_tokens) - cut])
             t_head = ".".join(t_tokens[: len(t_tokens) - cut])
-            s_tpl, s_ix = _template(s_head)
-            t_tpl, t_ix = _template(t_head)
+            s_tpl, s_ix = template_of(s_head)
+            t_tpl, t_ix = template_of(t_head)
             if s_ix == t_ix and s_head != t_head:
                 candidates.setdefault((s_tpl + ("." if cut else ""), t_tpl + ("." if cut else "")), kind)
     ids = list(groups)

@@ -23,7 +23,7 @@ from functools import lru_cache
 from rapidfuzz import fuzz
 
 from keydiff._conventions import EXPERT_STEMS, FUSIONS
-from keydiff._patterns import SLOT, Cluster, Leaf, Unit, _template, build_clusters, name_tokens
+from keydiff._patterns import SLOT, Cluster, Leaf, Unit, build_clusters, name_tokens, template_of
 
 __all__ = ["AMBIGUITY_MARGIN", "Pairing", "match_units", "name_similarity", "shape_relation"]
 
@@ -223,7 +223,7 @@ def _stack(units: list[Unit]) -> list[Unit]:
         if len({tuple((lf.name, lf.shape) for lf in m.leaves) for m in ms}) != 1:
             continue
         path = f"{parent}.{part}"
-        tpl, ix = _template(path)
+        tpl, ix = template_of(path)
         leaves = tuple(Leaf(lf.name, tuple(m.leaves[i].keys[0] for m in ms), (len(ms), *lf.shape), lf.dtype)
                        for i, lf in enumerate(ms[0].leaves))
         virtual.append(Unit(path=path, leaves=leaves, template=tpl, indices=ix,

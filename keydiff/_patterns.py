@@ -18,7 +18,7 @@ from functools import lru_cache
 from keydiff._conventions import BLOCK_STEMS, NOISE, canonical_token, split_leaf
 from keydiff._keys import KeySet, format_indices, natural_key
 
-__all__ = ["Cluster", "Leaf", "Unit", "build_clusters", "build_units", "structural_order"]
+__all__ = ["Cluster", "Leaf", "Unit", "build_clusters", "build_units", "structural_order", "template_of"]
 
 _RUNS = re.compile(r"([0-9]+)")
 _IN_TOKEN = re.compile(r"([A-Za-z][A-Za-z_]*?)([_-]?)(\d+)((?:-\d+)*)")
@@ -157,14 +157,14 @@ _TEMPLATES: dict[str, tuple[str, tuple[int, ...]]] = {}
 _MAX_TEMPLATES = 1 << 19
 
 
-def _template(path: str) -> tuple[str, tuple[int, ...]]:
+def template_of(path: str) -> tuple[str, tuple[int, ...]]:
     """Abstract the repeat indices of a module path (memoised: rules and reports ask for the same paths again).
 
     Keys differ in their numbers far more than in their text: which digit runs are indices is decided once per
     text skeleton (the key with its runs taken out), and each key only fills the runs in.
 
     Example:
-        >>> _template("encoder.layer1.0.fc2.weight")
+        >>> template_of("encoder.layer1.0.fc2.weight")
         ('encoder.layer{}.{}.fc2.weight', (1, 0))
     """
     found = _TEMPLATES.get(path)
@@ -176,7 +176,7 @@ def _template(path: str) -> tuple[str, tuple[int, ...]]:
 
 
 def remember_templates(known: Iterable[tuple[str, tuple[str, tuple[int, ...]]]]) -> None:
-    """Record ``(path, (template, indices))`` pairs worked out without parsing, as ``_template`` would give them
+    """Record ``(path, (template, indices))`` pairs worked out without parsing, as ``template_of`` would give them
     (the copies of a fold differ from their representative in one index only)."""
     if len(_TEMPLATES) >= _MAX_TEMPLATES:
         _TEMPLATES.clear()
@@ -285,7 +285,7 @@ def build_units(keyset: KeySet, keys: Iterable[str], *, order: Sequence[str] | N
         path, leaf = split_leaf(key)
         leaves = grouped.setdefault(path, {})
         leaves[leaf if leaf not in leaves else key.rpartition(".")[2]] = key
-    raw = {path: _template(path) for path in grouped}
+    raw = {path: template_of(path) for path in grouped}
     by_template: dict[str, list[tuple[str, tuple[int, ...]]]] = defaultdict(list)
     for path, (tpl, ix) in raw.items():
         by_template[tpl].append((path, ix))

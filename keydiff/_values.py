@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from keydiff._diff import DEFAULT_MIN_CONFIDENCE, Diff, _InMemory, diff
 from keydiff._errors import UsageError
 from keydiff._keys import KeySet, natural_key
-from keydiff._patterns import _template, fill_template
+from keydiff._patterns import fill_template, template_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -224,7 +224,7 @@ class TensorChange:
     @property
     def cluster(self) -> str:
         """The key's template, ``blocks.{}.attn.qkv.weight``."""
-        return _template(self.key)[0]
+        return template_of(self.key)[0]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -307,7 +307,7 @@ class ValueDiff:
         for tpl, members in groups.items():
             rel = [c.rel_change for c in members]
             out.append(ClusterChange(
-                cluster=fill_template(tpl, [_template(c.key)[1] for c in members]), tensors=len(members),
+                cluster=fill_template(tpl, [template_of(c.key)[1] for c in members]), tensors=len(members),
                 identical=sum(c.identical for c in members),
                 median_rel_change=math.nan if any(map(math.isnan, rel)) else statistics.median(rel),
                 max_rel_change=max(rel, key=_nan_last), min_cosine=min(c.cosine for c in members),
@@ -321,7 +321,7 @@ class ValueDiff:
         max_abs_diff, rel_change, cosine, identical`` (``layer`` is the key's first index, for per-layer plots)."""
         import pandas as pd
 
-        rows = [(c.key, ", ".join(c.source), c.op, c.cluster, next(iter(_template(c.key)[1]), None), c.shape,
+        rows = [(c.key, ", ".join(c.source), c.op, c.cluster, next(iter(template_of(c.key)[1]), None), c.shape,
                  c.dtype_a, c.dtype_b, c.max_abs_diff, c.rel_change, c.cosine, c.identical) for c in self.changes]
         cols = ["key", "source", "op", "cluster", "layer", "shape", "dtype_a", "dtype_b", "max_abs_diff",
                 "rel_change", "cosine", "identical"]

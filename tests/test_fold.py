@@ -67,7 +67,7 @@ def test_children_that_differ_or_are_written_oddly_are_not_folded():
 
 
 def test_copies_carry_the_representatives_template_with_their_own_index():
-    from keydiff._patterns import _parse_template, _template
+    from keydiff._patterns import _parse_template, template_of
 
     w = TensorInfo((4, 2), "float32")
     keys = [f"layers.{n}.experts.{e}.w1.weight" for n in range(2) for e in range(4)]
@@ -75,7 +75,7 @@ def test_copies_carry_the_representatives_template_with_their_own_index():
     fold = f.fold_of["layers.1.experts.0.w1.weight"]
     copies = _fold._copies(fold, "layers.1.experts.0.w1.weight")
     assert copies == [f"layers.1.experts.{e}.w1.weight" for e in range(4)]
-    assert [_template(k) for k in copies] == [_parse_template(k) for k in copies]
+    assert [template_of(k) for k in copies] == [_parse_template(k) for k in copies]
 
 
 @settings(max_examples=15, deadline=None)

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keydiff._keys import KeySet, TensorInfo, format_indices, natural_key
-from keydiff._patterns import _template, build_clusters, build_units, fill_template, name_tokens, structural_order
+from keydiff._patterns import build_clusters, build_units, fill_template, name_tokens, structural_order, template_of
 
 
 def _ks(keys: list[str], shape: tuple[int, ...] = (4,)) -> KeySet:
@@ -14,15 +14,15 @@ def _ks(keys: list[str], shape: tuple[int, ...] = (4,)) -> KeySet:
 
 
 def test_indices_are_found_in_whole_tokens_and_inside_tokens():
-    assert _template("blocks.3.attn.qkv") == ("blocks.{}.attn.qkv", (3,))
-    assert _template("encoder.layers.encoder_layer_11.ln_1") == ("encoder.layers.encoder_layer_{}.ln_1", (11,))
-    assert _template("layer4.2.conv1") == ("layer{}.{}.conv1", (4, 2))
-    assert _template("stages.1.block1-0.conv") == ("stages.{}.block{}-{}.conv", (1, 1, 0))
+    assert template_of("blocks.3.attn.qkv") == ("blocks.{}.attn.qkv", (3,))
+    assert template_of("encoder.layers.encoder_layer_11.ln_1") == ("encoder.layers.encoder_layer_{}.ln_1", (11,))
+    assert template_of("layer4.2.conv1") == ("layer{}.{}.conv1", (4, 2))
+    assert template_of("stages.1.block1-0.conv") == ("stages.{}.block{}-{}.conv", (1, 1, 0))
 
 
 def test_numbered_part_names_are_not_indices():
-    assert _template("blocks.0.norm1") == ("blocks.{}.norm1", (0,))
-    assert _template("mlp.fc2") == ("mlp.fc2", ())
+    assert template_of("blocks.0.norm1") == ("blocks.{}.norm1", (0,))
+    assert template_of("mlp.fc2") == ("mlp.fc2", ())
 
 
 def test_inner_index_with_fixed_values_and_different_tensors_is_a_part_name():
@@ -83,9 +83,9 @@ def test_templating_round_trips(parts):
     """Filling a template with its own indices gives back the key; templating is idempotent."""
     for head, i, tail in parts:
         key = f"{head}.{i}.{tail}"
-        tpl, ix = _template(key)
+        tpl, ix = template_of(key)
         assert tpl.replace("{}", "{!s}").format(*ix) == key
-        assert _template(tpl.replace("{}", "{!s}").format(*ix)) == (tpl, ix)
+        assert template_of(tpl.replace("{}", "{!s}").format(*ix)) == (tpl, ix)
         assert fill_template(tpl, [ix]) == key
 
 

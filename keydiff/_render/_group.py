@@ -9,7 +9,7 @@ from functools import lru_cache
 
 from keydiff._conventions import LEAVES
 from keydiff._mapping import Entry, Leftover
-from keydiff._patterns import _template, fill_template
+from keydiff._patterns import fill_template, template_of
 
 __all__ = ["EntryGroup", "LeftoverGroup", "group_entries", "group_leftovers"]
 
@@ -40,7 +40,7 @@ class LeftoverGroup:
 def _label(keys: Sequence[str]) -> str:
     by_tpl: dict[str, list[tuple[int, ...]]] = defaultdict(list)
     for k in keys:
-        tpl, ix = _template(k)
+        tpl, ix = template_of(k)
         by_tpl[tpl].append(ix)
     return ", ".join(fill_template(t, ix) for t, ix in by_tpl.items())
 
@@ -69,12 +69,12 @@ def group_entries(entries: Iterable[Entry]) -> list[EntryGroup]:
     cells: dict[tuple, list] = {}
     for e in entries:
         if len(e.source) == 1:
-            s_tpl, s_ix = _template(e.source[0])
+            s_tpl, s_ix = template_of(e.source[0])
             s_tpls, s_ixs = (s_tpl,), (s_ix,)
         else:
-            found = [_template(k) for k in e.source]
+            found = [template_of(k) for k in e.source]
             s_tpls, s_ixs = tuple(t for t, _ in found), tuple(ix for _, ix in found)
-        t_tpl, t_ix = _template(e.target)
+        t_tpl, t_ix = template_of(e.target)
         cid = (s_tpls, t_tpl, id(e.op), e.evidence.method)
         cell = cells.get(cid)
         if cell is None:
@@ -125,7 +125,7 @@ def group_leftovers(leftovers: Iterable[Leftover]) -> list[LeftoverGroup]:
     groups: dict[tuple[str, str], list[Leftover]] = {}
     for lo in leftovers:
         reason = lo.reason
-        groups.setdefault((_template(lo.key)[0], _generic(reason)), []).append(lo)
+        groups.setdefault((template_of(lo.key)[0], _generic(reason)), []).append(lo)
     return [
         LeftoverGroup(label=_label([m.key for m in members]), count=len(members),
                       reason=members[0].reason if len(members) == 1 else reason,
