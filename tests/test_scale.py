@@ -165,3 +165,28 @@ def test_thousands_of_leftovers_are_explained_without_pairwise_scans(tmp_path):
     doc = json.loads((tmp_path / "map.json").read_text())
     assert len(doc["missing"]) >= 4800 and all(m["reason"] for m in doc["missing"])
     assert all(len(m["candidates"]) <= 3 for m in doc["missing"])
+
+
+def test_moe_pair_above_the_fold_threshold_maps_every_key_through_folds(tmp_path, monkeypatch):
+    from keydiff import _diff
+    from keydiff._fold import FOLD_MIN_KEYS
+
+    pairs = moe_pair(layers=4, experts=900)
+    assert 2 * len(pairs) >= FOLD_MIN_KEYS
+    write_header(tmp_path / "original.safetensors", [(o, s) for o, _, s in pairs])
+    write_header(tmp_path / "hf.safetensors", [(h, s) for _, h, s in pairs])
+    expanded = []
+    monkeypatch.setattr(_diff, "expand_entries", lambda *a, _f=_diff.expand_entries: expanded.append(_f(*a)) or
+                        expanded[-1])
+    code = main([str(tmp_path / "original.safetensors"), str(tmp_path / "hf.safetensors"),
+                 "--json", str(tmp_path / "map.json"), "-q"])
+    assert code == 0
+    assert expanded and expanded[0] is not None  # the folded answer was clean and used
+    doc = json.loads((tmp_path / "map.json").read_text())
+    truth = {o: h for o, h, _ in pairs}
+    assert {e["target"]: (e["source"], e["op"]["kind"]) for e in doc["entries"]} == {
+        o: ([h], "rename") for o, h in truth.items()}
+    assert doc["complete"] and not doc["missing"] and not doc["unused"]
+    # the report's cluster labels name the folds' whole index sets, not the representative child
+    labels = {e["evidence"]["cluster"] for e in doc["entries"] if "experts" in e["target"]}
+    assert all("experts.{0..899}" in label for label in labels)
