@@ -361,7 +361,12 @@ def _match_folded(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_re
                   to_model: Mapping[str, str], to_raw: Mapping[str, str],
                   min_confidence: float) -> tuple[list[Entry], list[str]] | None:
     """The engine on both sides' folds (identical repeats kept once), its entries repeated over the folds; None
-    unless that answer is clean (see ``keydiff._fold``)."""
+    unless that answer is clean (see ``keydiff._fold``).
+
+    Only a clean answer is used: a fold pair that looks clean beside one that is not may owe its look to the
+    folding (the index sets that would tell a hole from a renumbering are folded away), so anything short of
+    clean goes to the full engine, which sees every key.
+    """
     src, dst = fold_keys(src_rest, checkpoint), fold_keys(dst_rest, model)
     if not src.folds or not dst.folds or src.dropped + dst.dropped < FOLD_MIN_SHARE * (len(src_rest) + len(dst_rest)):
         return None

@@ -3,8 +3,8 @@
 A mixture-of-experts checkpoint holds ``layers.{0..63}.experts.{0..511}.w1.weight``: 98,000 keys that are 64 x 512
 copies of one small set of names. A *fold* is a container (``layers.3.experts``) whose numbered children all hold
 the same names, shapes and dtypes; only its first child is kept for matching, and the mapping found for it is then
-repeated over the other children, child ``r`` of the checkpoint's fold going to child ``r`` of the model's (the
-order that matching by index sets gives too).
+repeated over the other children, each child to the child of the same index on the other side (folds pair only
+over the same index values).
 
 The folded result is used only when it is clean: every fold of one side paired with exactly one fold of the other,
 of the same size, and every key of both sides filled or used by a confident entry. Anything else (a leftover, a
@@ -47,6 +47,16 @@ class Fold:
     """The index values, in the same order."""
     slot: int
     """Which index of a child key's template this fold's index is."""
+    complete: bool = True
+    """Whether every child of the container is in the fold (else the odd ones stay outside, matched one by one)."""
+
+    def pairs_with(self, other: Fold) -> bool:
+        """Whether child ``r`` of this fold stands for child ``r`` of ``other``: only over the same indices.
+
+        Ranks over different index sets would cross children (experts 0-4,6,7 against 0-2,4-7 would pair 3 with
+        4); such folds are left to the full engine, which pairs equal indices and reports the rest.
+        """
+        return self.values == other.values
 
     @property
     def cut(self) -> int:
@@ -104,15 +114,16 @@ def fold_keys(keys: Iterable[str], info: Mapping[str, TensorInfo]) -> Folding:
     hidden: list[str] = []
     folds: list[Fold] = []
     for container, kids in children.items():
-        groups = list(kids.values())
-        if len(groups) < 2 or len(set(map(len, groups))) != 1 or any(t != str(int(t)) for t in kids):
+        if len(kids) < 2 or any(t != str(int(t)) for t in kids):
             continue
         start = len(container) + 2  # a child key is container + "." + token + "." + remainder
-        if not _identical([[(k[start + len(t):], info[k]) for k in members] for t, members in kids.items()]):
+        contents = {t: [(k[start + len(t):], info[k]) for k in members] for t, members in kids.items()}
+        complete = len(set(map(len, contents.values()))) == 1 and _identical(list(contents.values()))
+        tokens = tuple(sorted(kids, key=int) if complete else _alike(contents))
+        if len(tokens) < 2:
             continue
-        tokens = tuple(sorted(kids, key=int))
         heads = tuple(f"{container}.{t}" for t in tokens)
-        fold = Fold(container, tokens, heads, tuple(map(int, tokens)), len(template_of(container)[1]))
+        fold = Fold(container, tokens, heads, tuple(map(int, tokens)), len(template_of(container)[1]), complete)
         folds.append(fold)
         fold_of.update(dict.fromkeys(kids[tokens[0]], fold))
         for token in tokens[1:]:
@@ -120,6 +131,16 @@ def fold_keys(keys: Iterable[str], info: Mapping[str, TensorInfo]) -> Folding:
     gone = set(hidden)
     kept = tuple(k for k in keys if k not in gone) if gone else tuple(keys)
     return Folding(keys=kept, fold_of=fold_of, folds=tuple(folds), dropped=len(hidden))
+
+
+def _alike(contents: dict[str, list[tuple[str, TensorInfo]]]) -> list[str]:
+    """The largest set of children (at least half of them) that hold the same contents, in numeric order; the
+    others (an expert with a tensor missing) stay as they are."""
+    groups: dict[tuple, list[str]] = {}
+    for token, content in contents.items():
+        groups.setdefault(tuple(sorted(content, key=_by_name)), []).append(token)
+    best = max(groups.values(), key=lambda tokens: (len(tokens), -min(map(int, tokens))))
+    return sorted(best, key=int) if 2 * len(best) >= len(contents) else []
 
 
 def _identical(children: list[list[tuple[str, TensorInfo]]]) -> bool:
@@ -144,39 +165,49 @@ def expand_entries(entries: Sequence[Entry], source: Folding, target: Folding,
     """
     pair_of: dict[int, Fold] = {}  # id(source fold) -> target fold
     back: dict[int, int] = {}  # id(target fold) -> id(source fold)
-    labels: dict[tuple[str, int, int], str] = {}
+    expand = _Expander(to_model, to_raw)
     out: list[Entry] = []
     for e in entries:
         t_fold = target.fold_of.get(e.target)
-        sources = [to_model[s] for s in e.source]
-        s_folds = [source.fold_of.get(s) for s in sources]
+        s_folds = [source.fold_of.get(to_model[s]) for s in e.source]
         if t_fold is None and not any(s_folds):
             out.append(e)
             continue
         if t_fold is None or not all(s_folds):
             return None  # a repeated tensor mapped from or to a single one
         for s_fold in s_folds:
-            if len(s_fold.tokens) != len(t_fold.tokens):
+            if not s_fold.pairs_with(t_fold):
                 return None
             if pair_of.setdefault(id(s_fold), t_fold) is not t_fold:
                 return None
             if back.setdefault(id(t_fold), id(s_fold)) != id(s_fold):
                 return None
+        out.extend(expand(e, s_folds, t_fold))
+    return out
+
+
+class _Expander:
+    """Repeats one entry over its folds (keys, templates and the cluster label)."""
+
+    def __init__(self, to_model: Mapping[str, str], to_raw: Mapping[str, str]) -> None:
+        self.to_model, self.to_raw = to_model, to_raw
+        self.labels: dict[tuple[str, int, int], str] = {}
+
+    def __call__(self, e: Entry, s_folds: list[Fold], t_fold: Fold) -> Iterable[Entry]:
         evidence = e.evidence
         if evidence.cluster:
             cache = (evidence.cluster, id(s_folds[0]), id(t_fold))
-            if cache not in labels:
-                labels[cache] = _relabel(evidence.cluster, s_folds[0], t_fold)
-            evidence = replace(evidence, cluster=labels[cache])
+            if cache not in self.labels:
+                self.labels[cache] = _relabel(evidence.cluster, s_folds[0], t_fold)
+            evidence = replace(evidence, cluster=self.labels[cache])
         # every copy's keys: the fold's child prefixes, each followed by the representative key's remainder
-        columns = [_copies(f, s) for f, s in zip(s_folds, sources, strict=True)]
-        if to_raw is not to_model:
-            columns = [[to_raw[k] for k in column] for column in columns]
+        columns = [_copies(f, self.to_model[s]) for f, s in zip(s_folds, e.source, strict=True)]
+        if self.to_raw is not self.to_model:
+            columns = [[self.to_raw[k] for k in column] for column in columns]
         op, confidence, shapes, shape = e.op, e.confidence, e.source_shapes, e.target_shape
-        out.extend(Entry(source=src, target=target, op=op, confidence=confidence, evidence=evidence,
-                         source_shapes=shapes, target_shape=shape)
-                   for src, target in zip(zip(*columns, strict=True), _copies(t_fold, e.target), strict=True))
-    return out
+        return (Entry(source=src, target=target, op=op, confidence=confidence, evidence=evidence,
+                      source_shapes=shapes, target_shape=shape)
+                for src, target in zip(zip(*columns, strict=True), _copies(t_fold, e.target), strict=True))
 
 
 def _copies(fold: Fold, key: str) -> list[str]:

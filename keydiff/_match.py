@@ -265,16 +265,40 @@ def _grouping(cluster: Cluster) -> tuple[int, ...]:
 
 
 def _members(a: Cluster, b: Cluster) -> list[tuple[Unit, Unit]] | None:
-    """Member pairs of two clusters: in index order when they have as many members (and the same grouping),
-    by equal index values when one's index set holds the other's (a shallower or deeper variant); else None."""
+    """Member pairs of two clusters.
+
+    In index order when they have as many members, the same grouping, and the order relabels each index
+    consistently (``features.{1,3,5}`` -> ``stages.{0,1,2}``); by equal index values when one's index set holds
+    the other's (a shallower or deeper variant), or when the order would relabel an index two ways (a hole at
+    another place on each side: experts 0-4,6,7 against 0-2,4-7) and most indices are shared; else None.
+    """
     if len(a.units) == len(b.units):
         if a.template.count(SLOT) > 1 and b.template.count(SLOT) > 1 and _grouping(a) != _grouping(b):
             return None
-        return list(zip(a.units, b.units, strict=True))
+        pairs = list(zip(a.units, b.units, strict=True))
+        if _relabels_consistently(pairs):
+            return pairs
     ia, ib = {u.indices: u for u in a.units}, {u.indices: u for u in b.units}
-    if a.template.count(SLOT) != b.template.count(SLOT) or not (ia.keys() <= ib.keys() or ib.keys() <= ia.keys()):
+    if a.template.count(SLOT) != b.template.count(SLOT):
         return None
-    return [(ia[ix], ib[ix]) for ix in sorted(ia.keys() & ib.keys())]
+    common = ia.keys() & ib.keys()
+    nested = ia.keys() <= ib.keys() or ib.keys() <= ia.keys()
+    if not nested and (len(a.units) != len(b.units) or 2 * len(common) < len(a.units)):
+        return None
+    return [(ia[ix], ib[ix]) for ix in sorted(common)] or None
+
+
+def _relabels_consistently(pairs: list[tuple[Unit, Unit]]) -> bool:
+    """Whether pairing in order maps each index value of one side to a single value of the other, per slot."""
+    maps: dict[tuple[int, int], int] = {}
+    back: dict[tuple[int, int], int] = {}
+    for su, tu in pairs:
+        if len(su.indices) != len(tu.indices):
+            return True  # different index structures: nothing to compare slot by slot
+        for slot, (x, y) in enumerate(zip(su.indices, tu.indices, strict=True)):
+            if maps.setdefault((slot, x), y) != y or back.setdefault((slot, y), x) != x:
+                return False
+    return True
 
 
 def _cluster_quality(pairs: list[tuple[Unit, Unit]]) -> float | None:

@@ -410,7 +410,7 @@ def entry_point() -> None:
     gc.disable()
     gc.set_threshold(100_000, 50, 1000)
     code = main()
-    # Every output is written, synced and closed by now. Tearing down the interpreter would free those millions
+    # Every output is written and closed by now. Tearing down the interpreter would free those millions
     # of objects one by one (a tenth of a 100k-key run) for nothing: flush what is printed and leave at once.
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe (keydiff ... | head): nothing to add

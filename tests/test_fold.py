@@ -55,15 +55,32 @@ def test_fold_keeps_one_child_of_identical_repeats():
     assert f.dropped == 8
 
 
-def test_children_that_differ_or_are_written_oddly_are_not_folded():
+def test_children_that_differ_stay_out_of_the_fold_and_odd_tokens_are_not_folded():
     w, v = TensorInfo((4, 2), "float32"), TensorInfo((2, 4), "float32")
-    keys = [f"experts.{e}.w1.weight" for e in range(3)]
-    assert not fold_keys(keys, {**dict.fromkeys(keys, w), keys[2]: v}).folds  # one child has another shape
-    other = [*keys[:2], "experts.2.w2.weight"]  # one child holds another name
-    assert not fold_keys(other, dict.fromkeys(other, w)).folds
+    keys = [f"experts.{e}.w1.weight" for e in range(4)]
+    f = fold_keys(keys, {**dict.fromkeys(keys, w), keys[2]: v})  # one child has another shape
+    (fold,) = f.folds
+    assert (fold.tokens, fold.complete) == (("0", "1", "3"), False)
+    assert "experts.2.w1.weight" in f.keys and f.dropped == 2  # the odd child is matched on its own
+    other = [*keys[:3], "experts.3.w2.weight"]  # one child holds another name
+    assert fold_keys(other, dict.fromkeys(other, w)).folds[0].tokens == ("0", "1", "2")
+    assert not fold_keys(keys[:2], {keys[0]: w, keys[1]: v}).folds  # no two children alike
     padded = ["experts.00.w1.weight", "experts.01.w1.weight"]
     assert not fold_keys(padded, dict.fromkeys(padded, w)).folds
     assert not fold_keys(keys[:1], dict.fromkeys(keys, w)).folds  # a single child is no repeat
+
+
+def test_folds_pair_only_over_the_same_indices():
+    """Ranks over different index sets would cross children: 0,1,3 against 0,2,3 must not pair 1 with 2."""
+    from keydiff._fold import Fold
+
+    def fold(tokens: tuple[str, ...], complete: bool) -> Fold:
+        return Fold("experts", tokens, tuple(f"experts.{t}" for t in tokens), tuple(map(int, tokens)), 0, complete)
+
+    assert not fold(("0", "1", "3"), False).pairs_with(fold(("0", "2", "3"), False))
+    assert fold(("0", "1", "3"), False).pairs_with(fold(("0", "1", "3"), True))
+    assert not fold(("0", "1", "2"), True).pairs_with(fold(("1", "2", "3"), True))  # renumbered: the full engine
+    assert not fold(("0", "1"), True).pairs_with(fold(("0", "1", "2"), True))
 
 
 def test_copies_carry_the_representatives_template_with_their_own_index():
@@ -130,3 +147,42 @@ def test_forcing_folds_on_real_pairs_changes_no_answer(pair, tmp_path, monkeypat
     model = read_model(pair.target, pair.target_kwargs)
     ckpt = read_checkpoint(path).keys
     assert _answer(model, ckpt, True, monkeypatch) == _answer(model, ckpt, False, monkeypatch)
+
+
+def _without(ks: KeySet, drop) -> KeySet:
+    return KeySet.from_items([(k, i) for k, i in ks.items() if not drop(k)], origin=ks.origin,
+                             order_is_evidence=ks.order_is_evidence)
+
+
+_DEFECTS = {
+    "a tensor missing in the checkpoint": (lambda k: False,
+                                           lambda k: k == "model.layers.2.block_sparse_moe.experts.5.w1.weight"),
+    "a tensor missing in the model": (lambda k: k == "layers.1.feed_forward.experts.3.w2.weight", lambda k: False),
+    "an expert missing on each side, not the same": (lambda k: ".2.feed_forward.experts.5." in k,
+                                                    lambda k: ".2.block_sparse_moe.experts.3." in k),
+    "a layer missing in the checkpoint": (lambda k: False, lambda k: k.startswith("model.layers.3.")),
+}
+
+
+@pytest.mark.parametrize("defect", list(_DEFECTS))
+def test_unclean_folds_give_the_full_engines_answer(defect, monkeypatch):
+    drop_model, drop_ckpt = _DEFECTS[defect]
+    model = _without(_moe(4, 8, hf=False), drop_model)
+    ckpt = _without(_moe(4, 8, hf=True), drop_ckpt)
+    folded = _answer(model, ckpt, True, monkeypatch)
+    assert folded == _answer(model, ckpt, False, monkeypatch)
+    assert folded[1] or folded[2]
+
+
+def test_a_hole_at_another_index_on_each_side_is_not_paired_across(monkeypatch):
+    """Experts 0-4,6,7 against 0-2,4-7 in one layer, whole elsewhere: in order, 4 would go to 3; the other layers
+    show that the numbers carry over, so equal numbers pair and expert 3 / expert 5 are reported."""
+    drop_model, drop_ckpt = _DEFECTS["an expert missing on each side, not the same"]
+    model = _without(_moe(4, 8, hf=False), drop_model)
+    ckpt = _without(_moe(4, 8, hf=True), drop_ckpt)
+    entries, missing, unused = _answer(model, ckpt, False, monkeypatch)
+    for source, target, _ in entries:
+        if ".experts." in target:
+            assert source[0].split(".experts.")[1].split(".")[0] == target.split(".experts.")[1].split(".")[0]
+    assert {k.split(".experts.")[1].split(".")[0] for k in missing} == {"3"}  # model keys with no source
+    assert {k.split(".experts.")[1].split(".")[0] for k in unused} == {"5"}
