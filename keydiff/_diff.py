@@ -14,7 +14,7 @@ from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from keydiff._diagnose import Diagnosis, diagnose
-from keydiff._fold import FOLD_MIN_KEYS, FOLD_MIN_SHARE, expand_entries, fold_keys
+from keydiff._fold import FOLD_MIN_KEYS, FOLD_MIN_SHARE, Folding, expand_entries, fold_keys
 from keydiff._keys import KeySet, natural_key
 from keydiff._mapping import Entry, Evidence, KeyMap, Leftover, Unwrap, compress_rules
 from keydiff._match import Pairing, match_units, name_similarity, shape_relation
@@ -283,11 +283,16 @@ def diff(model: Any, checkpoint: Any, *, key: str | None = None, unsafe_pickle: 
             if background is not None:
                 background.close()
             raise
+        ahead = None
         if background is not None:
+            # while the child reads the model's header: fold the checkpoint's keys, which the engine will want if
+            # no name matches and no prefix is stripped (it checks, and folds again otherwise)
+            if len(ckpt.keys) >= FOLD_MIN_KEYS // 2:
+                ahead = fold_keys(list(ckpt.keys), ckpt.keys)
             model_keys = background.result() or _model_side(model, model_args, unsafe_pickle)
         facts = dict(container=ckpt.container, alternatives=ckpt.alternatives, non_tensor=ckpt.non_tensor_keys)
         return compare_keys(model_keys, ckpt.keys, source=ckpt, min_confidence=min_confidence,
-                            checkpoint_format=ckpt.fmt, **facts)
+                            checkpoint_format=ckpt.fmt, _folded_checkpoint=ahead, **facts)
     tensors = checkpoint.state_dict() if hasattr(checkpoint, "state_dict") else checkpoint
     return compare_keys(model_keys, keyset_of(tensors, origin="state dict"), source=_InMemory(tensors),
                         min_confidence=min_confidence, checkpoint_format="memory")
@@ -296,7 +301,7 @@ def diff(model: Any, checkpoint: Any, *, key: str | None = None, unsafe_pickle: 
 def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
                  min_confidence: float = DEFAULT_MIN_CONFIDENCE, container: str = "",
                  alternatives: tuple[str, ...] = (), non_tensor: tuple[str, ...] = (),
-                 checkpoint_format: str = "") -> Diff:
+                 checkpoint_format: str = "", _folded_checkpoint: Folding | None = None) -> Diff:
     """The engine: compare two key sets; no file is read."""
     prefix = find_prefix(list(checkpoint), model.keys(), checkpoint.origin)
     if prefix.strip or prefix.add:
@@ -330,7 +335,8 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     dst_rest = [k for k in model if k not in filled]
     found = None
     if len(src_rest) + len(dst_rest) >= FOLD_MIN_KEYS:
-        found = _match_folded(norm_keys, model, src_rest, dst_rest, to_model, to_raw, min_confidence)
+        ahead = _folded_checkpoint if norm_keys is checkpoint and len(src_rest) == len(checkpoint) else None
+        found = _match_folded(norm_keys, model, src_rest, dst_rest, to_model, to_raw, min_confidence, ahead)
     if found is None:
         found = _match(norm_keys, model, src_rest, dst_rest, to_raw)
     entries.extend(found[0])
@@ -359,7 +365,7 @@ def _match(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_rest: lis
 
 def _match_folded(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_rest: list[str],
                   to_model: Mapping[str, str], to_raw: Mapping[str, str],
-                  min_confidence: float) -> tuple[list[Entry], list[str]] | None:
+                  min_confidence: float, src: Folding | None = None) -> tuple[list[Entry], list[str]] | None:
     """The engine on both sides' folds (identical repeats kept once), its entries repeated over the folds; None
     unless that answer is clean (see ``keydiff._fold``).
 
@@ -367,7 +373,8 @@ def _match_folded(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_re
     folding (the index sets that would tell a hole from a renumbering are folded away), so anything short of
     clean goes to the full engine, which sees every key.
     """
-    src, dst = fold_keys(src_rest, checkpoint), fold_keys(dst_rest, model)
+    src = src if src is not None else fold_keys(src_rest, checkpoint)  # given: folded ahead, of these keys
+    dst = fold_keys(dst_rest, model)
     if not src.folds or not dst.folds or src.dropped + dst.dropped < FOLD_MIN_SHARE * (len(src_rest) + len(dst_rest)):
         return None
     entries, notes = _match(checkpoint, model, list(src.keys), list(dst.keys), to_raw)

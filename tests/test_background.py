@@ -88,3 +88,23 @@ def test_a_bad_checkpoint_beside_a_large_model_file_is_reported_and_leaves_no_ch
         _diff.diff(str(a), str(bad))
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)
+
+
+def test_the_checkpoint_folded_while_waiting_serves_the_engine(tmp_path, monkeypatch):
+    """While the child reads the model's header, the checkpoint's keys are folded; the engine takes that fold
+    (nothing matched by name, no prefix) and answers as it does without it."""
+    pairs = moe_pair(layers=3, experts=6)
+    a, b = tmp_path / "original.safetensors", tmp_path / "hf.safetensors"
+    write_header(a, [(o, s) for o, _, s in pairs])
+    write_header(b, [(h, s) for _, h, s in pairs])
+    monkeypatch.setattr(_diff, "FOLD_MIN_KEYS", 0)
+    monkeypatch.setattr(_diff, "FOLD_MIN_SHARE", 0.0)
+    given = []
+    monkeypatch.setattr(_diff, "_match_folded", lambda *args, _f=_diff._match_folded: given.append(args[-1]) or
+                        _f(*args))
+    monkeypatch.setattr(_background, "MIN_BYTES", 0)
+    ahead = _diff.diff(str(a), str(b))
+    monkeypatch.setattr(_background, "MIN_BYTES", 1 << 60)
+    here = _diff.diff(str(a), str(b))
+    assert given[0] is not None and given[1] is None
+    assert ahead.ok and ahead.mapping.entries == here.mapping.entries
