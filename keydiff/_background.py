@@ -2,7 +2,7 @@
 
 The child is a fork that parses one header (and puts its keys in structural order) while this process parses the
 other, then sends back a compact table (keys, one small index per key into the distinct (shape, dtype) kinds) with
-``marshal``. Anything unusual (not Linux, other threads running, a child that fails for any reason) makes
+``marshal``. Anything unusual (not Linux, other threads or torch loaded, a child that fails for any reason) makes
 ``result()`` return None and the caller reads the file itself, so errors are raised, and worded, in one place.
 """
 
@@ -16,10 +16,13 @@ from collections.abc import Callable
 
 from keydiff._keys import KeySet, TensorInfo
 
-__all__ = ["MIN_BYTES", "BackgroundKeys"]
+__all__ = ["MIN_BYTES", "THREADED_MODULES", "BackgroundKeys"]
 
 MIN_BYTES = 4 << 20
 """Headers smaller than this are read in place: a fork costs more than it saves."""
+THREADED_MODULES = ("torch",)
+"""Once one of these is loaded the process may run native thread pools that ``threading`` does not count: no fork
+(the command line compares two safetensors files without loading torch)."""
 
 
 class BackgroundKeys:
@@ -28,7 +31,8 @@ class BackgroundKeys:
     def __init__(self, read: Callable[[], KeySet]) -> None:
         self._pid = 0
         self._fd = -1
-        if not sys.platform.startswith("linux") or threading.active_count() > 1:
+        if (not sys.platform.startswith("linux") or threading.active_count() > 1
+                or any(name in sys.modules for name in THREADED_MODULES)):
             return  # forking a threaded process can deadlock the child; elsewhere fork has other caveats
         r, w = os.pipe()
         pid = os.fork()

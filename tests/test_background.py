@@ -17,6 +17,17 @@ from keydiff._sources import read_checkpoint
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child is forked on Linux only")
 
 
+@pytest.fixture(autouse=True)
+def _fork_with_torch_loaded(monkeypatch):
+    """Other test modules load torch; these children run only Python code, so let them fork anyway."""
+    monkeypatch.setattr(_background, "THREADED_MODULES", ())
+
+
+def test_no_fork_once_torch_is_loaded(monkeypatch):
+    monkeypatch.setattr(_background, "THREADED_MODULES", ("keydiff",))  # loaded, as torch would be
+    assert BackgroundKeys(_keys).result() is None
+
+
 def _keys() -> KeySet:
     items = [(f"layers.{n}.w{i}", TensorInfo((n + 1, i), "bfloat16" if i % 2 else "float32"))
              for n in range(50) for i in range(3)]
