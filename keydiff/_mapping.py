@@ -313,18 +313,24 @@ class KeyMap:
 
 def _entry_lines(entries: tuple[Entry, ...]) -> list[str]:
     """``json.dumps(entry.to_json())`` of every entry, a line each with its comma: everything after the keys is
-    serialised once per distinct (op, confidence, evidence, shapes), which repeats across thousands of entries."""
+    serialised once per distinct (op, confidence, evidence, shapes), which repeats across thousands of entries
+    (looked up by the objects' identity first, which costs no hashing of their fields, then by value)."""
     encode = json.encoder.encode_basestring  # what json.dumps(text, ensure_ascii=False) uses
-    tails: dict[tuple, str] = {}
+    by_id: dict[tuple, str] = {}
+    by_value: dict[tuple, str] = {}
     lines = []
     last = len(entries) - 1
     for n, e in enumerate(entries):
         tid = (id(e.op), e.confidence, id(e.evidence), e.source_shapes, e.target_shape)
-        tail = tails.get(tid)
+        tail = by_id.get(tid)
         if tail is None:
-            doc = e.to_json()
-            del doc["source"], doc["target"]
-            tail = tails[tid] = json.dumps(doc, ensure_ascii=False)[1:]
+            value = (e.op, e.confidence, e.evidence, e.source_shapes, e.target_shape)
+            tail = by_value.get(value)
+            if tail is None:
+                doc = e.to_json()
+                del doc["source"], doc["target"]
+                tail = by_value[value] = json.dumps(doc, ensure_ascii=False)[1:]
+            by_id[tid] = tail
         source = ", ".join(map(encode, e.source))
         lines.append(f'  {{"source": [{source}], "target": {encode(e.target)}, {tail}{"," if n < last else ""}\n')
     return lines

@@ -146,3 +146,20 @@ def test_rules_are_prefix_rewrites_that_never_contradict_an_entry():
         hits = [re.sub(r.pattern, r.replace, e.source[0], count=1) for r in rules if re.match(r.pattern, e.source[0])]
         assert hits and set(hits) == {e.target}
     assert len(rules) < len(entries) / 3
+
+
+@given(mappings())
+def test_each_entry_line_is_json_dumps_of_the_entry(case):
+    """The JSON writer serialises a tail once per distinct (op, confidence, evidence, shapes), by identity or by
+    value: every line is still exactly ``json.dumps(entry.to_json())``."""
+    from dataclasses import replace
+
+    from keydiff._mapping import _entry_lines
+
+    _, km = case
+    # equal-valued but distinct evidence objects, as the full engine makes them, beside shared ones
+    entries = tuple(replace(e, evidence=replace(e.evidence)) if i % 2 else e for i, e in enumerate(km.entries))
+    want = [f"  {json.dumps(e.to_json(), ensure_ascii=False)}{',' if i < len(entries) - 1 else ''}\n"
+            for i, e in enumerate(entries)]
+    assert _entry_lines(entries) == want
+    assert json.loads(km.dumps()) == km.to_json()
