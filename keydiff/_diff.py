@@ -356,7 +356,9 @@ def _match(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_rest: lis
            to_raw: Mapping[str, str]) -> tuple[list[Entry], list[str]]:
     """The engine proper on the keys no name matched: units, clusters, matching; ``checkpoint`` normalised."""
     wanted = set(src_rest)
-    order = [k for k in checkpoint if k in wanted] if checkpoint.order_is_evidence else structural_order(wanted)
+    order = [k for k in checkpoint if k in wanted]  # the key set's order: a set's would vary from run to run
+    if not checkpoint.order_is_evidence:
+        order = structural_order(order)
     src_units = build_units(checkpoint, order, order=order)
     dst_units = build_units(model, dst_rest)
     pairings, _, _, notes = match_units(src_units, dst_units, file_order=checkpoint.order_is_evidence)

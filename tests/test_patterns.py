@@ -119,3 +119,22 @@ def _reference_structural_order(keys: list[str]) -> list[str]:
 def test_structural_order_equals_the_token_tuple_order(keys):
     """The one-string sort key orders keys as comparing (is a child, natural key) per token does."""
     assert structural_order(keys) == _reference_structural_order(keys)
+
+
+def test_mapping_is_the_same_under_any_hash_seed(tmp_path):
+    """Keys whose numbers tie in the natural order (``07`` and ``7``) keep the key set's order, not a set's."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "ck.safetensors"  # a safetensors file: its key order is no evidence, the structure decides
+    script = (
+        "import sys, keydiff, torch\n"
+        "from safetensors.torch import save_file\n"
+        "names = [f'blocks.{i}.w' for i in ('07', '7', '8', '08', '9', '10')]\n"
+        "save_file({n.replace('blocks', 'layers'): torch.zeros(2) for n in names}, sys.argv[1])\n"
+        "print(keydiff.diff({n: torch.zeros(2) for n in names}, sys.argv[1]).mapping.dumps())\n"
+    )
+    outs = {subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3", "4")}
+    assert len(outs) == 1
