@@ -4,7 +4,7 @@ found by what maximises exact matches rather than from a fixed list."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from keydiff._errors import CheckpointError
@@ -35,6 +35,19 @@ class Prefix:
             return key
         return self.add + key
 
+    def count(self, keys: Iterable[str], model: Collection[str]) -> int:
+        """How many of ``keys`` name a model key once rewritten: ``apply`` over many keys, without a call per key.
+
+        Example:
+            >>> Prefix(strip="module.").count(["module.a", "b", "module.c"], {"a", "b"})
+            2
+        """
+        strip, add = self.strip, self.add
+        if strip:
+            n = len(strip)
+            return sum(1 for k in keys if (add + k[n:] if k.startswith(strip) else k) in model)
+        return sum(1 for k in keys if add + k in model)
+
 
 def _prefixes(keys: Sequence[str]) -> list[str]:
     counts: Counter[str] = Counter()
@@ -43,15 +56,6 @@ def _prefixes(keys: Sequence[str]) -> list[str]:
         for n in range(1, min(_MAX_TOKENS, len(tokens) - 1) + 1):
             counts[".".join(tokens[:n]) + "."] += 1
     return [p for p, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:_CANDIDATES]]
-
-
-def _hits(strip: str, add: str, keys: Sequence[str], model: Collection[str]) -> int:
-    """How many of ``keys`` name a model key once ``strip`` is removed (where present) or ``add`` put in front:
-    ``Prefix.apply`` without a call per key."""
-    if strip:
-        n = len(strip)
-        return sum(1 for k in keys if (k[n:] if k.startswith(strip) else k) in model)
-    return sum(1 for k in keys if add + k in model)
 
 
 def find_prefix(checkpoint_keys: Sequence[str], model_keys: Collection[str], path: str = "") -> Prefix:
@@ -73,12 +77,11 @@ def find_prefix(checkpoint_keys: Sequence[str], model_keys: Collection[str], pat
     strips, adds = _prefixes(sample), _prefixes(list(model)[:: max(1, len(model) // _SAMPLE)])
     # strip or add, not both: replacing one prefix by another is a rename, which the matcher explains better
     pairs = [(s, "") for s in strips] + [("", a) for a in adds]
-    scored = [(_hits(s, a, sample, model), -len(s + a), s, a) for s, a in pairs]
+    scored = [(Prefix(strip=s, add=a).count(sample, model), -len(s + a), s, a) for s, a in pairs]
     if not scored or max(scored)[0] == 0:
         return Prefix(matches=baseline, baseline=baseline)
     _, _, strip, add = max(scored)
-    candidate = Prefix(strip=strip, add=add)
-    best = Prefix(strip=strip, add=add, matches=sum(candidate.apply(k) in model for k in checkpoint_keys),
+    best = Prefix(strip=strip, add=add, matches=Prefix(strip=strip, add=add).count(checkpoint_keys, model),
                   baseline=baseline)
     if best.matches <= baseline or best.matches < 0.5 * min(len(checkpoint_keys), len(model)):
         return Prefix(matches=baseline, baseline=baseline)

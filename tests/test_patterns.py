@@ -138,3 +138,13 @@ def test_mapping_is_the_same_under_any_hash_seed(tmp_path):
     outs = {subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3", "4")}
     assert len(outs) == 1
+
+
+@given(st.lists(st.sampled_from(["module.a", "a", "module.b", "b", "model.a", "x.module.a"]), max_size=12),
+       st.sampled_from(["", "module.", "model."]), st.sampled_from(["", "model.", "m."]))
+def test_prefix_count_is_apply_over_every_key(keys, strip, add):
+    from keydiff._normalize import Prefix
+
+    model = {"a", "b", "model.a", "m.b"}
+    prefix = Prefix(strip=strip, add=add)
+    assert prefix.count(keys, model) == sum(prefix.apply(k) in model for k in keys)
