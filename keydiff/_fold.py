@@ -83,7 +83,8 @@ def fold_keys(keys: Iterable[str], info: Mapping[str, TensorInfo]) -> Folding:
 
     A key's child is found at its last numbered token that has a token after it, so the children of
     ``layers`` hold each layer's own tensors (attention, norms) while the experts fold under ``layers.N.experts``.
-    A container is folded only if all its children agree, and index tokens must be plain numbers (``07`` is not).
+    A container folds the children that agree, when they are at least two and at least half of its children (the
+    others, an expert with a tensor missing, stay as they are); index tokens must be plain numbers (``07`` is not).
 
     Example:
         >>> from keydiff._keys import TensorInfo

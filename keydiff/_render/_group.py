@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from keydiff._conventions import LEAVES
@@ -58,58 +58,63 @@ def _with_leaves(label: str, leaves: list[str]) -> str:
     return label + marker + ragged
 
 
+@dataclass(slots=True)
+class _Cell:
+    """Entries that share their keys' full templates, their op and their method."""
+
+    first: Entry
+    confidence: float
+    count: int = 1
+    sources: list[tuple[tuple[int, ...], ...]] = field(default_factory=list)
+    """Each entry's source indices, one tuple per source key."""
+    targets: list[tuple[int, ...]] = field(default_factory=list)
+    """Each entry's target indices."""
+
+
 def group_entries(entries: Iterable[Entry]) -> list[EntryGroup]:
     """Module-level rows (``x.{weight,bias}``), in the model's order of their first entry.
 
     Entries are first grouped by the full templates of their keys (one template lookup per key, no parsing of
     a key twice), then those groups merge into rows by module template; labels are built from index tuples.
     """
-    # (source templates, target template, op, method) ->
-    #     [first entry, min confidence, count, [source indices per entry], [target indices per entry]]
-    cells: dict[tuple, list] = {}
+    cells: dict[tuple, _Cell] = {}  # (source templates, target template, op, method) -> cell
     for e in entries:
-        if len(e.source) == 1:
-            s_tpl, s_ix = template_of(e.source[0])
-            s_tpls, s_ixs = (s_tpl,), (s_ix,)
-        else:
-            found = [template_of(k) for k in e.source]
-            s_tpls, s_ixs = tuple(t for t, _ in found), tuple(ix for _, ix in found)
+        found = [template_of(k) for k in e.source]
         t_tpl, t_ix = template_of(e.target)
-        cid = (s_tpls, t_tpl, id(e.op), e.evidence.method)
+        cid = (tuple(t for t, _ in found), t_tpl, id(e.op), e.evidence.method)
         cell = cells.get(cid)
         if cell is None:
-            cells[cid] = [e, e.confidence, 1, [s_ixs], [t_ix]]
-        else:
-            if e.confidence < cell[1]:
-                cell[1] = e.confidence
-            cell[2] += 1
-            cell[3].append(s_ixs)
-            cell[4].append(t_ix)
-    rows: dict[tuple, list] = {}
+            cell = cells[cid] = _Cell(e, e.confidence, 0)
+        cell.confidence = min(cell.confidence, e.confidence)
+        cell.count += 1
+        cell.sources.append(tuple(ix for _, ix in found))
+        cell.targets.append(t_ix)
+    # (source module templates, target module template, op text, method) -> [(cell, source leaves, target leaf)]
+    rows: dict[tuple, list[tuple[_Cell, list[str], str]]] = {}
     ops: dict[int, str] = {}
     for (s_tpls, t_tpl, op_id, method), cell in cells.items():
         op = ops.get(op_id)
         if op is None:
-            o = cell[0].op
+            o = cell.first.op
             op = ops[op_id] = (f"split dim {o.dim}, part {o.index} of {len(o.sizes)}" if o.kind == "split"
                                else o.describe())
-        heads = tuple(_head(t) for t in s_tpls)
+        heads = [_head(t) for t in s_tpls]
         t_head, t_leaf = _head(t_tpl)
-        rows.setdefault((tuple(h for h, _ in heads), t_head, op, method), []).append((cell, [h[1] for h in heads],
-                                                                                     t_leaf))
+        rows.setdefault((tuple(h for h, _ in heads), t_head, op, method), []).append(
+            (cell, [leaf for _, leaf in heads], t_leaf))
     out = []
-    for (s_heads, t_head, op, method), cells_ in rows.items():
+    for (s_heads, t_head, op, method), members in rows.items():
         source = " + ".join(
-            _with_leaves(fill_template(head, list(dict.fromkeys(ix[i] for c, _, _ in cells_ for ix in c[3]))),
-                         [leaves[i] for _, leaves, _ in cells_])
+            _with_leaves(fill_template(head, list(dict.fromkeys(ix[i] for c, _, _ in members for ix in c.sources))),
+                         [leaves[i] for _, leaves, _ in members])
             for i, head in enumerate(s_heads)
         )
-        target = _with_leaves(fill_template(t_head, list(dict.fromkeys(ix for c, _, _ in cells_ for ix in c[4]))),
-                              [leaf for _, _, leaf in cells_])
-        first = cells_[0][0][0]
+        target = _with_leaves(fill_template(t_head, list(dict.fromkeys(ix for c, _, _ in members for ix in c.targets))),
+                              [leaf for _, _, leaf in members])
         out.append(EntryGroup(source=source, target=target, op=op, method=method,
-                              count=sum(c[2] for c, _, _ in cells_), confidence=min(c[1] for c, _, _ in cells_),
-                              note=first.evidence.note))
+                              count=sum(c.count for c, _, _ in members),
+                              confidence=min(c.confidence for c, _, _ in members),
+                              note=members[0][0].first.evidence.note))
     return out
 
 
