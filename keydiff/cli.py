@@ -226,8 +226,7 @@ def diff_command(
         console.print(f"report written to {report}")
     if emit_python is not None:
         if not d.ok and not partial:
-            console.print(f"[red]no code written to {emit_python}: {len(d.mapping.missing)} model keys are "
-                          "unresolved (--partial writes the rest)[/red]")
+            console.print(f"[red]no code written to {emit_python}: {d.problem} (--partial writes the rest)[/red]")
         else:
             _write_text(emit_python, d.to_python(), inputs, "generated code")
             console.print(f"checkpoint_filter_fn written to {emit_python}")
@@ -236,8 +235,7 @@ def diff_command(
         console.print(f"mapping written to {json_path}")
     if output is not None:
         if not d.ok and not partial:
-            console.print(f"[red]no checkpoint written to {output}: {len(d.mapping.missing)} model keys are "
-                          "unresolved (--partial writes the rest)[/red]")
+            console.print(f"[red]no checkpoint written to {output}: {d.problem} (--partial writes the rest)[/red]")
         else:
             files = _convert(d.mapping, d.source, d.checkpoint, output, inputs, shard, quiet)
             console.print(f"converted checkpoint written to {', '.join(files)} ({len(d.mapping.entries)} tensors)")

@@ -31,14 +31,21 @@ def verdict(d: Diff) -> Text:
     total, missing = len(d.model), len(d.mapping.missing)
     exact = d.exact
     mapped = len(d.mapping.entries) - exact
+    unexplained = len(d.mapping.unexplained)
     if d.ok:
         how = f"{exact} by name" + (f", {mapped} by the proposed mapping" if mapped else "")
         text = Text(f"✓ all {total} model keys filled ({how})", style="bold green")
+    elif not missing:
+        how = f"{exact} by name" + (f", {mapped} by the proposed mapping" if mapped else "")
+        text = Text(f"✗ all {total} model keys filled ({how}), but {_plural(unexplained, 'checkpoint tensor')} "
+                    "should have gone somewhere", style="bold red")
+        return text
     else:
         text = Text(f"✗ {missing} of {total} model keys unresolved ({exact} filled by name, {mapped} by the "
                     "proposed mapping)", style="bold red")
     if d.mapping.unused:
-        text.append(f"; {_plural(len(d.mapping.unused), 'checkpoint tensor')} unused", style="yellow")
+        why = "" if unexplained or not d.ok else " (expected: see reasons)"
+        text.append(f"; {_plural(len(d.mapping.unused), 'checkpoint tensor')} unused{why}", style="yellow")
     return text
 
 
@@ -90,6 +97,9 @@ def next_step(d: Diff) -> str:
         return ("Next: add -o converted.safetensors to write a checkpoint that loads with strict=True (--json map.json "
                 "saves the mapping). Checked: names, shapes, structure; not checked: that the converted model computes "
                 "the same function: `keydiff verify SOURCE_MODEL CKPT TARGET_MODEL` runs both.")
+    if not d.mapping.missing:
+        return ("Next: the unused checkpoint tensors above have no place in this model; follow the cause above "
+                "(another model argument), or --partial to convert what fits.")
     weak = [m for m in d.mapping.missing if m.reason.startswith("proposed")]
     if weak:
         return (f"Next: {len(weak)} unresolved keys have weaker proposals; check them and lower --min-confidence, "
