@@ -644,6 +644,123 @@ def _unique_pairs(src: list[Unit], dst: list[Unit]) -> list[tuple[int, int]]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- dataflow
+
+def _is_follower(unit: Unit) -> bool:
+    """A unit of 1-D tensors only (a norm, a bias, a layer scale): it acts on what the module before it made."""
+    dims = [len(lf.shape) for lf in unit.leaves]  # a norm's step counter is 0-D
+    return not unit.parts and not unit.stack and max(dims, default=0) == 1
+
+
+def _anchors(dst: Sequence[Unit]) -> dict[int, Unit]:
+    """For each follower unit of the model, the module whose output it acts on: the nearest tensor-owning
+    non-follower that runs before it (``conv_pw`` for ``bn1``, ``conv_dw`` for ``bn2``).
+
+    A module's own tensors come before its children's in a state dict whatever the order they run in (a block's
+    layer scale), so a unit that contains other units has no place in this order and no anchor.
+    """
+    paths = {u.path for u in dst}
+    parents = {a for u in dst for a in _ancestors(u)} & paths
+    out: dict[int, Unit] = {}
+    last: Unit | None = None
+    for u in sorted(dst, key=lambda u: u.position):
+        if u.path in parents:
+            continue
+        if _is_follower(u):
+            if last is not None:
+                out[id(u)] = last
+        else:
+            last = u
+    return out
+
+
+class _Followers:
+    """Which model norm each checkpoint norm should take: the one that runs after the module its checkpoint
+    siblings (the units under the same parent) map to. ``expansion.expand_bn`` goes with ``expansion.expand_conv``:
+    when that became ``conv_pw``, it becomes the norm that runs after ``conv_pw``, not another same-shaped one."""
+
+    def __init__(self, pairings: list[Pairing], dst: Sequence[Unit]) -> None:
+        self.pairings = pairings
+        self.anchor = _anchors(dst)
+        self.after: dict[int, list[Unit]] = defaultdict(list)
+        for u in sorted(dst, key=lambda u: u.position):
+            a = self.anchor.get(id(u))
+            if a is not None:
+                self.after[id(a)].append(u)
+        self.siblings: dict[str, list[Unit]] = defaultdict(list)
+        for p in pairings:
+            if not _is_follower(p.source):
+                self.siblings[_parent(p.source)].append(p.source)
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self.by_source = {id(p.source): n for n, p in enumerate(self.pairings)}
+        self.by_target = {id(p.target): n for n, p in enumerate(self.pairings)}
+
+    def sibling_targets(self, source: Unit) -> list[Unit]:
+        return [self.pairings[self.by_source[id(s)]].target for s in self.siblings.get(_parent(source), ())
+                if id(s) in self.by_source]
+
+    def coherent(self, source: Unit, target: Unit) -> bool:
+        a = self.anchor.get(id(target))
+        return a is not None and any(a is t for t in self.sibling_targets(source))
+
+    def repair(self) -> int:
+        """Swap weakly named norms to the targets their siblings say; returns how many pairings moved."""
+        moved = 0
+        for _ in range(3):
+            changed = False
+            for n, p in enumerate(self.pairings):
+                if not _is_follower(p.source) or _named(p) or self.coherent(p.source, p.target):
+                    continue
+                for want in (t for a in self.sibling_targets(p.source) for t in self.after.get(id(a), ())):
+                    if want is p.target or unit_relation(p.source, want) is None:
+                        continue
+                    m = self.by_target.get(id(want))
+                    if m is None:
+                        continue  # a free target: left to the order step, which sees everything else too
+                    q = self.pairings[m]
+                    if _named(q) or unit_relation(q.source, p.target) is None:
+                        continue
+                    before = self.coherent(p.source, p.target) + self.coherent(q.source, q.target)
+                    after = self.coherent(p.source, want) + self.coherent(q.source, p.target)
+                    if after > before:
+                        note = "moved with its checkpoint siblings: runs after the module they map to"
+                        self.pairings[n] = _moved(p, want, note)
+                        self.pairings[m] = _moved(q, p.target, note)
+                        self._reindex()
+                        moved += 2
+                        changed = True
+                        break
+            if not changed:
+                break
+        return moved
+
+
+    def decide(self, below: float) -> None:
+        """Raise a weak norm pairing (below ``below``: ambiguous among same-shaped siblings) when dataflow decides
+        it: it runs after the module its checkpoint siblings map to, and no other fitting norm does."""
+        for n, p in enumerate(self.pairings):
+            if p.confidence >= below or not _is_follower(p.source) or not self.coherent(p.source, p.target):
+                continue
+            rivals = [t for a in self.sibling_targets(p.source) for t in self.after.get(id(a), ())
+                      if t is not p.target and unit_relation(p.source, t) is not None]
+            if not rivals:
+                anchor = self.anchor[id(p.target)]
+                note = f"dataflow: runs after {anchor.path}, which its checkpoint siblings map to"
+                self.pairings[n] = Pairing(p.source, p.target, p.method, 0.75, p.name_score, p.cluster, note)
+
+
+def _named(p: Pairing) -> bool:
+    """Whether names alone carry a pairing (dataflow does not overrule them)."""
+    return p.name_score >= STRONG_NAME
+
+
+def _moved(p: Pairing, target: Unit, note: str) -> Pairing:
+    return Pairing(p.source, target, p.method, min(p.confidence, 0.8), name_similarity(p.source.template,
+                   target.template), p.cluster, note)
+
+
 def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
                 ) -> tuple[list[Pairing], list[Unit], list[Unit], list[str]]:
     """Pair checkpoint units with model units.
@@ -699,4 +816,7 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
         taken = {id(p.source) for p in pairings} | {id(p.target) for p in pairings}
         left_src = [u for u in left_src if id(u) not in taken]
         left_dst = [u for u in left_dst if id(u) not in taken]
-    return pairings, left_src, left_dst, notes
+    followers = _Followers(pairings, dst)
+    followers.repair()
+    followers.decide(0.5)
+    return followers.pairings, left_src, left_dst, notes

@@ -145,3 +145,53 @@ def test_position_embedding_size_differences_are_named():
     assert any("by one token (class token)" in dg.message for dg in one_token.diagnoses)
     grid = compare_keys(ks([*base, ("pos_embed", (1, 197, 8))]), ks([*base, ("pos_embed", (1, 577, 8))]))
     assert any("by grid size" in dg.message for dg in grid.diagnoses)
+
+
+# --- dataflow: a norm goes with the conv it follows (issue 10) ------------------------------------------------
+
+def _hf_to_timm(tmp_path, hf_model, target: str, **kwargs):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    import keydiff
+
+    from pairs import randomise
+
+    src = randomise(hf_model)
+    path = tmp_path / "source.safetensors"  # sorted keys: the file's order says nothing about run order
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    d = keydiff.diff(target, str(path), **kwargs)
+    dst = timm.create_model(target, pretrained=False, **kwargs).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    if d.ok:
+        dst.load_state_dict(d.apply(), strict=True)
+        with torch.no_grad():
+            a, b = src(pixel_values=x).pooler_output.flatten(1), dst(x)
+        return d, ((a - b).abs().max() / a.abs().max()).item()
+    return d, None
+
+
+def test_inverted_residual_norms_follow_their_convs(tmp_path):
+    # transformers' EfficientNet: the first block is depthwise-separable (bn1 after conv_dw), the others inverted
+    # residual (bn1 after conv_pw, bn2 after conv_dw), every norm of a block the same width: names cannot decide
+    from transformers import EfficientNetConfig, EfficientNetModel
+
+    cfg = EfficientNetConfig(image_size=64, width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280)
+    d, rel = _hf_to_timm(tmp_path, EfficientNetModel(cfg), "tf_efficientnet_b0", num_classes=0)
+    assert d.ok, d.problem
+    assert rel is not None and rel < 1e-4
+    moved = [e for e in d.mapping.entries if "siblings" in e.evidence.note]
+    assert moved  # the cluster pairing alone put expansion norms on depthwise norms
+
+
+def test_flat_numbering_into_nested_stages_with_stem_block(tmp_path):
+    # transformers' MobileNetV2: `layer.{0..15}` -> `blocks.{S}.{B}`; the stem's 3x3 and 1x1 convs are the
+    # target's first block; the expansion and depthwise norms have the same width
+    from transformers import MobileNetV2Config, MobileNetV2Model
+
+    cfg = MobileNetV2Config(image_size=64, depth_multiplier=0.35, layer_norm_eps=1e-5, tf_padding=False)
+    d, rel = _hf_to_timm(tmp_path, MobileNetV2Model(cfg), "mobilenetv2_035", num_classes=0)
+    assert d.ok, d.problem
+    assert rel is not None and rel < 1e-4
+    assert any(e.evidence.note.startswith("dataflow") for e in d.mapping.entries)
