@@ -525,8 +525,9 @@ def _keymap(model: KeySet, checkpoint: KeySet, applied: tuple[Entry, ...], propo
         cands = _candidates(k, shape, pool)
         if k in weak:
             e = weak[k]
+            why = f" ({e.evidence.note})" if e.evidence.note.startswith(("unproven", "ambiguous")) else ""
             reason = (f"proposed {', '.join(e.source)} with confidence {e.confidence:.2f}, below "
-                      f"--min-confidence {min_confidence}")
+                      f"--min-confidence {min_confidence}{why}")
         elif k in mismatched:
             reason = f"the checkpoint has this name with shape {list(mismatched[k])}, the model wants {list(shape)}"
         elif sum(c[1] for c in cands) >= 2:

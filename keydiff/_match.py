@@ -751,6 +751,57 @@ class _Followers:
                 self.pairings[n] = Pairing(p.source, p.target, p.method, 0.75, p.name_score, p.cluster, note)
 
 
+def _role_ambiguous(pairings: list[Pairing], followers: _Followers, file_order: bool) -> list[Pairing]:
+    """Mark unproven the weakly named cluster pairings that could trade targets with a sibling's pairing.
+
+    Two model units under one parent with the same shapes (a block's ``bn1`` and ``bn2``) are role-ambiguous: a
+    cluster pairing that names do not carry (``the only shape-compatible pair`` at the cluster level) is proven
+    only when something tells the two apart: names (by a margin), the order of the checkpoint's units where that
+    order means something, dataflow (a norm runs after the module its checkpoint siblings map to), or where the
+    rest of each checkpoint module went. Otherwise both pairings drop below any threshold, with the reason.
+    """
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for n, p in enumerate(pairings):
+        if not _named(p) and p.confidence >= 0.5:
+            groups[_parent(p.target), p.source.signature].append(n)
+    structure = _Structure(pairings, [])
+    flagged: dict[int, int] = {}
+    for members in groups.values():
+        for x, a in enumerate(members):
+            for b in members[x + 1:]:
+                pa, pb = pairings[a], pairings[b]
+                if "cluster" not in (pa.method, pb.method):
+                    continue  # two order/unique pairings: the order step weighed them already
+                if unit_relation(pa.source, pb.target) is None or unit_relation(pb.source, pa.target) is None:
+                    continue
+                if _decided(pa, pb, structure, followers, file_order):
+                    continue
+                flagged.setdefault(a, b)
+                flagged.setdefault(b, a)
+    out = list(pairings)
+    for n, m in flagged.items():
+        p = pairings[n]
+        note = (f"unproven: could trade places with {pairings[m].target.path} (same shapes; names, order and "
+                "dataflow do not decide)")
+        out[n] = Pairing(p.source, p.target, p.method, min(p.confidence, 0.35), p.name_score, p.cluster, note)
+    return out
+
+
+def _decided(pa: Pairing, pb: Pairing, structure: _Structure, followers: _Followers, file_order: bool) -> bool:
+    """Whether any evidence prefers the two pairings as they are over the two swapped."""
+    kept = _gain(pa.source, pa.target) + _gain(pb.source, pb.target)
+    swapped = _gain(pa.source, pb.target) + _gain(pb.source, pa.target)
+    if kept - swapped >= AMBIGUITY_MARGIN:
+        return True
+    if _order_is_evidence(pa.source, pb.source, file_order) and \
+            (pa.source.position < pb.source.position) == (pa.target.position < pb.target.position):
+        return True
+    coherent = followers.coherent(pa.source, pa.target) + followers.coherent(pb.source, pb.target)
+    if coherent > followers.coherent(pa.source, pb.target) + followers.coherent(pb.source, pa.target):
+        return True
+    return structure.consistency(pa, pb, False) > structure.consistency(pa, pb, True)
+
+
 def _named(p: Pairing) -> bool:
     """Whether names alone carry a pairing (dataflow does not overrule them)."""
     return p.name_score >= STRONG_NAME
@@ -819,4 +870,4 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
     followers = _Followers(pairings, dst)
     followers.repair()
     followers.decide(0.5)
-    return followers.pairings, left_src, left_dst, notes
+    return _role_ambiguous(followers.pairings, followers, file_order), left_src, left_dst, notes

@@ -195,3 +195,24 @@ def test_flat_numbering_into_nested_stages_with_stem_block(tmp_path):
     assert d.ok, d.problem
     assert rel is not None and rel < 1e-4
     assert any(e.evidence.note.startswith("dataflow") for e in d.mapping.entries)
+
+
+def test_role_ambiguous_norms_without_dataflow_stay_unresolved(tmp_path, monkeypatch):
+    # the same pair with the dataflow evidence switched off: the role-ambiguous norms must not be applied on
+    # cluster uniqueness alone (150 of 358 entries were applied wrong with exit 0 before issue 10)
+    from transformers import EfficientNetConfig, EfficientNetModel
+
+    import keydiff._match as match
+
+    monkeypatch.setattr(match._Followers, "repair", lambda self: 0)
+    monkeypatch.setattr(match._Followers, "coherent", lambda self, s, t: False)
+    cfg = EfficientNetConfig(image_size=64, width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280)
+    d, _ = _hf_to_timm(tmp_path, EfficientNetModel(cfg), "tf_efficientnet_b0", num_classes=0)
+    assert not d.ok
+    unproven = [m for m in d.mapping.missing if "unproven" in m.reason]
+    assert unproven and len(unproven) == len(d.mapping.missing)
+    # every applied entry agrees with the mapping the dataflow evidence proves right
+    monkeypatch.undo()
+    right, _ = _hf_to_timm(tmp_path, EfficientNetModel(cfg), "tf_efficientnet_b0", num_classes=0)
+    proven = {e.target: e.source for e in right.mapping.entries}
+    assert all(proven[e.target] == e.source for e in d.mapping.entries)
