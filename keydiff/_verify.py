@@ -11,7 +11,7 @@ result into the target, and compares every output of the source with the target'
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -213,7 +213,8 @@ class _Reached(Exception):
     """Raised from a forward hook to end a run once the module of interest has run."""
 
 
-def record(model: nn.Module, x: torch.Tensor, *, stop: str | None = None) -> dict[str, Activation]:
+def record(model: nn.Module, x: torch.Tensor, *,
+           stop: Callable[[str, Activation], bool] | None = None) -> dict[str, Activation]:
     """Run ``model`` on ``x`` and keep each named module's first output, in the order the modules finished.
 
     A module's hook fires when its forward returns, so a child comes before its parent; the root (``""``) is not
@@ -221,7 +222,8 @@ def record(model: nn.Module, x: torch.Tensor, *, stop: str | None = None) -> dic
     their first output.
 
     Args:
-        stop: end the run as soon as this module has run (the rest of the forward pass is not needed).
+        stop: called with each module's name and first output; when it returns True the run ends there (the rest
+            of the forward pass is not needed).
     """
     import torch
 
@@ -229,9 +231,10 @@ def record(model: nn.Module, x: torch.Tensor, *, stop: str | None = None) -> dic
 
     def hook(name: str) -> Any:
         def keep(module: nn.Module, args: Any, output: Any) -> None:
-            if name not in out:
-                out[name] = tuple(t.detach() for _, t in _tensors(output, "") if t.is_floating_point())
-            if name == stop:
+            if name in out:
+                return
+            out[name] = tuple(t.detach() for _, t in _tensors(output, "") if t.is_floating_point())
+            if stop is not None and stop(name, out[name]):
                 raise _Reached
 
         return keep
