@@ -262,8 +262,8 @@ class _Repair:
                         self._try_everywhere(module, alt.kind)
                     break
             else:
-                if any(k not in self.working for k in self.keys_of[module]):
-                    self.skipped.add(module)  # left empty: the outputs will tell whether it matters
+                if self._mixed(module) or any(k not in self.working for k in self.keys_of[module]):
+                    self.skipped.add(module)  # empty or mixed, maybe rightly: the outputs will tell
                     continue
                 tried = self.trials - start
                 return (f"{module} {what}, and none of the {tried} alternatives tried there made it agree"
@@ -290,6 +290,9 @@ class _Repair:
         empty = [k for k in self.keys_of.get(module, ()) if k not in self.working]
         if empty:
             return f"has {len(empty)} empty key{'s' if len(empty) > 1 else ''}"
+        mixed = self._mixed(module)
+        if mixed:
+            return f"takes its tensors from {len(mixed)} source modules ({', '.join(mixed)})"
         rel = self._rel(module, act, counterpart.get(module))
         if rel is None:
             return ""
@@ -360,9 +363,37 @@ class _Repair:
         mine = [self.working[k] for k in keys if k in self.working]
         found = [*self._unused(module, [k for k in keys if k not in self.working] or keys)]
         if len(mine) == len(keys):
-            found += [*self._flips(module, mine), *self._swaps(module, mine)]
+            found += [*self._align(module, mine), *self._flips(module, mine), *self._swaps(module, mine)]
         found.sort(key=lambda a: (a.kind not in self.learned, a.rank))
         return islice(found, limit)
+
+    def _mixed(self, module: str) -> list[str]:
+        """The source modules of a module filled one tensor each from several (a weight from one norm, the bias
+        from another); empty for a module filled from one, or by fusing several (q, k, v into qkv)."""
+        found = {_module(e.source[0]) for k in self.keys_of.get(module, ()) if (e := self.working.get(k)) is not None
+                 and len(e.source) == 1}
+        return sorted(found, key=natural_key) if len(found) > 1 else []
+
+    def _align(self, module: str, mine: list[Entry]) -> Iterator[_Alternative]:
+        """A mixed module's tensors all from one of its source modules, traded with the entries that hold them."""
+        holder = {e.source: e for e in self.working.values() if len(e.source) == 1}
+        for n, src in enumerate(self._mixed(module)):
+            change, how = {}, {}
+            for e in mine:
+                have = e.source[0]
+                if len(e.source) != 1 or _module(have) == src:
+                    continue
+                want = f"{src}.{have.rpartition('.')[2]}"
+                if want not in self.d.checkpoint or self.d.checkpoint[want].shape != self.d.checkpoint[have].shape:
+                    break
+                change[e.target] = replace(e, source=(want,))
+                how[e.target] = ("took the tensors of", src)
+                other = holder.get((want,))
+                if other is not None and other.target not in change:
+                    change[other.target] = replace(other, source=(have,))
+                    how[other.target] = ("traded with", module)
+            else:
+                yield _Alternative(change, how, ("align", template_of(module)[0], template_of(src)[0]), (0, n))
 
     def _flips(self, module: str, mine: list[Entry]) -> Iterator[_Alternative]:
         """Square 2-D weights transposed or not: the op their shape cannot show."""
