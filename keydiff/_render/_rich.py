@@ -135,7 +135,8 @@ def next_step(d: Diff) -> str:
     if d.ok:
         return ("Next: add -o converted.safetensors to write a checkpoint that loads with strict=True (--json map.json "
                 "saves the mapping). Checked: names, shapes, structure; not checked: that the converted model computes "
-                "the same function: `keydiff verify SOURCE_MODEL CKPT TARGET_MODEL` runs both.")
+                "the same function: `keydiff verify SOURCE_MODEL CKPT TARGET_MODEL` runs both (or add --source "
+                "SOURCE_MODEL to prove the mapping, repairing it where running shows it wrong).")
     weak = [m for m in d.mapping.missing if m.reason.startswith("proposed")]
     if weak:
         return (f"Next: {len(weak)} unresolved keys have weaker proposals; check them and lower --min-confidence, "
