@@ -497,6 +497,8 @@ class _Repair:
                 continue
             guess = self.original.get(k)
             module = _module(k)
+            if before is None and k not in self.how and module not in self.acts:
+                continue  # a proposal in a module that never ran: running says nothing about it
             other = counterpart.get(module)
             rel = self._rel(module, self.acts.get(module), other)
             how = self.how.get(k, ("confirmed the proposal", ""))
