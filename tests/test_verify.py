@@ -228,3 +228,20 @@ def test_prove_fills_empty_keys_from_unused_tensors_and_flips_a_square_transpose
                                   for e in proven.mapping.entries)
     proof = run(flipped)
     assert proof.proven and [c.why.split(";")[0] for c in proof.changes] == ["not transposed"] * 2
+
+
+def test_what_worked_once_is_tried_at_every_later_block_in_one_trial(tmp_path):
+    """Block 0's swap, repeated over blocks 1-3 at once: two trials for four blocks."""
+    import timm
+    from safetensors.torch import save_file
+
+    import keydiff
+
+    from pairs import VIT, plain_vit, randomise
+
+    deeper = dict(VIT, depth=4)
+    path = tmp_path / "plain4.safetensors"
+    save_file({k: v.contiguous() for k, v in randomise(plain_vit(depth=4)).state_dict().items()}, str(path))
+    d = keydiff.diff("vit_base_patch16_224", path, **deeper)
+    proof = keydiff.prove(d, plain_vit(depth=4), timm.create_model("vit_base_patch16_224", pretrained=False, **deeper))
+    assert proof.proven and proof.trials == 2 and len(proof.changes) == 16
