@@ -8,15 +8,19 @@ input and compares their outputs (``keydiff._verify``). When they differ, or whe
   tensors from that module's tensors only and fills nothing else from them (``blocks.0.norm1`` <- ``layer.0.ln_b``);
   the root, modules filled from several modules, and modules without tensors are not compared.
 * The first module, in the target's execution order, whose output differs from its counterpart's (or whose
-  tensors are left empty) is where the conversion goes wrong: every compared module that ran before it agrees.
+  tensors are left empty, or come one by one from several source modules) is where the conversion goes wrong:
+  every compared module that ran before it agrees.
 * There the alternatives are tried, each with one forward pass that ends at that module: a square 2-D weight
   transposed or not (the op a shape cannot show); the sources of a same-shaped module that runs later swapped with
-  this module's (siblings that could trade roles, ``norm1``/``norm2``); unused checkpoint tensors of the right
-  shapes, one source module at a time. An alternative is kept only if the module then agrees with its counterpart.
-  Nothing it changes ran earlier, so what was kept before stays right.
-* Alternatives that worked are tried first at the next place of the same template (block 1 after block 0). The
-  repair ends when no compared module differs, at a place where no alternative works, or after ``max_trials``
-  forward passes. Its changes are kept only if the outputs then agree.
+  this module's (siblings that could trade roles, ``norm1``/``norm2``); a mixed module's tensors all from one of
+  its source modules; unused checkpoint tensors of the right shapes, one source module at a time. An alternative
+  is kept only if the module then agrees with its counterpart. Nothing it changes ran earlier, so what was kept
+  before stays right. An empty or mixed module that no alternative fixes is passed over (maybe rightly so: the
+  outputs decide); a differing one ends the repair.
+* A kind of alternative that worked is tried at once at every later module of the same template (blocks 1 to 23
+  after block 0, one trial), and first at each place after that. The repair ends when no compared module differs,
+  at a place where no alternative works, or after ``max_trials`` trials. Its changes are kept only if the
+  outputs then agree.
 
 Proposals below ``--min-confidence`` fill their keys first, as the guess the running tests.
 """
