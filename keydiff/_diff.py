@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import TYPE_CHECKING, Any
@@ -146,6 +146,28 @@ class Diff:
             raise MappingMismatch(f"{self.problem}; apply(partial=True) converts the rest")
         needed = sorted({k for e in self.mapping.entries for k in e.source}, key=natural_key)
         return self.mapping.apply(dict(self.source.tensors(needed)))
+
+    def with_entries(self, entries: Iterable[Entry]) -> Diff:
+        """The same comparison with another applied set (what running the models proved): the mapping's rules and
+        leftovers and the diagnoses that depend on them are worked out again; proposals for keys ``entries`` leaves
+        empty stay as they were."""
+        prefix = Prefix(strip=self.mapping.unwrap.strip_prefix, add=self.mapping.unwrap.add_prefix)
+        order_of = {k: i for i, k in enumerate(self.model)}
+        applied = tuple(sorted(entries, key=lambda e: order_of[e.target]))
+        filled = {e.target for e in applied}
+        proposed = [*applied, *(e for e in self.proposals if e.target not in filled)]
+        named = {prefix.apply(raw): raw for raw in self.checkpoint}
+        mismatched = {k: self.checkpoint[named[k]].shape for k in self.model if k in named and k not in filled}
+        mapping = _keymap(self.model, self.checkpoint, applied, proposed, mismatched, prefix,
+                          self.mapping.unwrap.container, self.min_confidence)
+        # the prefix counts, the container choice and the matcher's notes are facts of reading, not of the mapping
+        kept = {k: [g for g in self.diagnoses if g.kind == k] for k in ("prefix", "container", "non_tensor", "note")}
+        fresh = [g for g in diagnose(self.model, self.checkpoint, mapping, prefix, container="", alternatives=(),
+                                     non_tensor=(), notes=()) if g.kind != "prefix"]
+        lead = [g for g in fresh if g.kind == "coverage"]
+        diagnoses = (*lead, *kept["prefix"], *kept["container"], *kept["non_tensor"],
+                     *(g for g in fresh if g.kind != "coverage"), *kept["note"])
+        return replace(self, mapping=mapping, proposals=tuple(proposed), diagnoses=diagnoses)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per key of both sides: ``side, key, shape, status, counterpart, op, confidence, cluster``."""

@@ -27,7 +27,7 @@ __all__ = ["SCHEMA", "VERSION", "Entry", "Evidence", "KeyMap", "Leftover", "Rule
 
 SCHEMA = "keydiff/mapping"
 VERSION = 1
-Method = Literal["exact", "prefix", "cluster", "order", "unique"]
+Method = Literal["exact", "prefix", "cluster", "order", "unique", "verified"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,7 +36,8 @@ class Evidence:
 
     method: str
     """``exact`` (same name), ``prefix`` (same name once a wrapper prefix is removed), ``cluster`` (names, shapes
-    and index sets of whole clusters), ``order`` (shapes in structural order), ``unique`` (the only fitting pair)."""
+    and index sets of whole clusters), ``order`` (shapes in structural order), ``unique`` (the only fitting pair),
+    ``verified`` (changed or added by running the source model and the converted target: ``keydiff --source``)."""
     name_score: float = 1.0
     """Similarity of the canonical names, 0 to 1."""
     shape: str = "same"
