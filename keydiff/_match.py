@@ -570,13 +570,19 @@ def _swaps(soft: list[_Soft]) -> list[tuple[int, int]]:
 
 
 def _repair(fixed: Sequence[Pairing], soft: list[_Soft]) -> None:
-    """Trade partners between same-shaped pairs where that puts more checkpoint siblings under one model module."""
+    """Trade partners between same-shaped pairs where that puts more checkpoint siblings under one model module, or
+    where names clearly prefer the trade and structure does not object (an alphabetical file puts
+    ``layernorm_after`` before ``layernorm_before``, so the order step pairs them crosswise)."""
     structure = _Structure(fixed, soft)
     for _ in range(3):
         changed = False
         for a, b in _swaps(soft):
             pa, pb = soft[a], soft[b]
-            if structure.consistency(pa, pb, True) > structure.consistency(pa, pb, False):
+            swapped, kept = structure.consistency(pa, pb, True), structure.consistency(pa, pb, False)
+            names = (_gain(pa.source, pb.target) + _gain(pb.source, pa.target)
+                     - _gain(pa.source, pa.target) - _gain(pb.source, pb.target))
+            if swapped > kept or (swapped == kept and names >= AMBIGUITY_MARGIN and not (
+                    pa.method == pb.method == "order" and _order_is_evidence(pa.source, pb.source, False))):
                 structure.add(pa.source, pa.target, -1)
                 structure.add(pb.source, pb.target, -1)
                 pa.target, pb.target = pb.target, pa.target
