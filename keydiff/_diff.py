@@ -96,7 +96,7 @@ class Diff:
 
     def stats(self, *, progress: bool | None = None) -> pd.DataFrame:
         """Per-tensor statistics of the checkpoint, one tensor at a time (see ``keydiff.stats``)."""
-        from keydiff._values import tensor_stats
+        from keydiff._stats import tensor_stats
 
         return tensor_stats(self.source, self.checkpoint, progress=progress)
 
