@@ -14,7 +14,7 @@ from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from keydiff._diagnose import Diagnosis, diagnose
-from keydiff._fold import FOLD_MIN_KEYS, FOLD_MIN_SHARE, Folding, expand_entries, fold_keys
+from keydiff._fold import FOLD_MIN_KEYS, FOLD_MIN_SHARE, Folding, can_pair, expand_entries, fold_keys
 from keydiff._keys import KeySet, natural_key
 from keydiff._mapping import Entry, Evidence, KeyMap, Leftover, Unwrap, compress_rules
 from keydiff._match import Pairing, match_units, name_similarity, shape_relation
@@ -378,6 +378,8 @@ def _match_folded(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_re
     src = src if src is not None else fold_keys(src_rest, checkpoint)  # given: folded ahead, of these keys
     dst = fold_keys(dst_rest, model)
     if not src.folds or not dst.folds or src.dropped + dst.dropped < FOLD_MIN_SHARE * (len(src_rest) + len(dst_rest)):
+        return None
+    if not can_pair(src, dst):
         return None
     entries, notes = _match(checkpoint, model, list(src.keys), list(dst.keys), to_raw)
     if any(e.confidence < min_confidence for e in entries):

@@ -311,6 +311,57 @@ def _cluster_quality(pairs: list[tuple[Unit, Unit]]) -> float | None:
     return quality
 
 
+class _PairCache:
+    """``_members`` and ``_cluster_quality`` worked out once per distinct case.
+
+    The clusters of a large key set repeat themselves: ``w1``, ``w2`` and ``w3`` of every expert share one index
+    set, and all their members one leaf profile. ``_members`` depends only on the two clusters' slot counts and
+    member indices (in member order), so its answer is kept as member positions per such case; a cluster pair
+    whose members each share a single profile has the quality of any one member pair (``unit_relation`` looks at
+    leaf names, shapes and dtypes only).
+    """
+
+    def __init__(self) -> None:
+        self._indices: dict[int, tuple[tuple[int, ...], ...]] = {}  # id(cluster) -> member indices
+        self._profiles: dict[int, tuple | None] = {}  # id(cluster) -> the profile every member has, or None
+        self._members: dict[tuple, list[tuple[int, int]] | None] = {}
+
+    def _index_tuple(self, c: Cluster) -> tuple[tuple[int, ...], ...]:
+        found = self._indices.get(id(c))
+        if found is None:
+            found = self._indices[id(c)] = tuple(u.indices for u in c.units)
+        return found
+
+    def members(self, a: Cluster, b: Cluster) -> list[tuple[Unit, Unit]] | None:
+        """``_members(a, b)``."""
+        case = (a.template.count(SLOT), b.template.count(SLOT), self._index_tuple(a), self._index_tuple(b))
+        if case not in self._members:
+            pairs = _members(a, b)
+            if pairs is None:
+                self._members[case] = None
+            else:
+                where_a = {id(u): n for n, u in enumerate(a.units)}
+                where_b = {id(u): n for n, u in enumerate(b.units)}
+                self._members[case] = [(where_a[id(x)], where_b[id(y)]) for x, y in pairs]
+        positions = self._members[case]
+        if positions is None:
+            return None
+        ua, ub = a.units, b.units
+        return [(ua[x], ub[y]) for x, y in positions]
+
+    def _profile_of(self, c: Cluster) -> tuple | None:
+        if id(c) not in self._profiles:
+            profiles = {_profile(u) for u in c.units}
+            self._profiles[id(c)] = next(iter(profiles)) if len(profiles) == 1 else None
+        return self._profiles[id(c)]
+
+    def quality(self, a: Cluster, b: Cluster, pairs: list[tuple[Unit, Unit]]) -> float | None:
+        """``_cluster_quality(pairs)`` for member pairs of ``a`` and ``b``."""
+        if self._profile_of(a) is not None and self._profile_of(b) is not None:
+            return _cluster_quality(pairs[:1])
+        return _cluster_quality(pairs)
+
+
 SMALL_ASSIGNMENT = 10_000
 """Score matrices up to this many cells are assigned in pure Python: importing scipy.optimize takes longer."""
 
@@ -393,10 +444,11 @@ def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> tuple[list[Pairin
     score = np.full((len(src), len(dst)), -1.0)
     names = np.zeros_like(score)
     members: dict[tuple[int, int], list[tuple[Unit, Unit]]] = {}
+    cache = _PairCache()
     for i, a in enumerate(src):
         for j in by_sig.get(a.units[0].signature, ()):
-            pairs = _members(a, dst[j])
-            quality = _cluster_quality(pairs) if pairs else None
+            pairs = cache.members(a, dst[j])
+            quality = cache.quality(a, dst[j], pairs) if pairs else None
             if quality is None:
                 continue
             members[i, j] = pairs
