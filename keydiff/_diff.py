@@ -10,6 +10,7 @@ import heapq
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -422,10 +423,14 @@ def _entries(p: Pairing, to_raw: Mapping[str, str]) -> list[Entry]:
         else:
             rel = shape_relation(sl.shape, tl.shape) or "same"
             kind = {"same": "rename"}.get(rel, rel)
-            out.append(Entry(source=(to_raw[sl.keys[0]],), target=tl.keys[0], op=Op(kind=kind),
+            out.append(Entry(source=(to_raw[sl.keys[0]],), target=tl.keys[0], op=_op(kind=kind),
                              confidence=p.confidence * (0.8 if rel == "transpose" else 1.0),
-                             evidence=Evidence(shape=rel, **ev), source_shapes=(sl.shape,), target_shape=tl.shape))
+                             evidence=_evidence(shape=rel, **ev), source_shapes=(sl.shape,), target_shape=tl.shape))
     return out
+
+
+# frozen values shared by every entry that has the same ones (a cluster pair gives thousands of renames)
+_op, _evidence = lru_cache(maxsize=256)(Op), lru_cache(maxsize=4096)(Evidence)
 
 
 def _stack_layout(unit: Unit, i: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from keydiff._conventions import BLOCK_STEMS, NOISE, canonical_token, split_leaf
+from keydiff._conventions import BLOCK_STEMS, LEAVES, NOISE, canonical_token, split_leaf
 from keydiff._keys import KeySet, format_indices, natural_key
 
 __all__ = ["Cluster", "Leaf", "Unit", "build_clusters", "build_units", "structural_order", "template_of"]
@@ -299,33 +299,37 @@ def build_units(keyset: KeySet, keys: Iterable[str], *, order: Sequence[str] | N
     wanted = set(keys)
     ordered = [k for k in (order if order is not None else keyset) if k in wanted]
     grouped: dict[str, dict[str, str]] = {}
+    canonical = LEAVES.get
     for key in ordered:
-        path, leaf = split_leaf(key)
+        head, _, last = key.rpartition(".")
+        leaf = canonical(last)
+        path, leaf = (head, leaf) if leaf is not None and head else split_leaf(key)  # split_leaf's common case
         leaves = grouped.get(path)
         if leaves is None:
             grouped[path] = {leaf: key}
         else:
-            leaves[leaf if leaf not in leaves else key.rpartition(".")[2]] = key
+            leaves[leaf if leaf not in leaves else last] = key
     raw = {path: template_of(path) for path in grouped}
     _remember_key_templates(grouped, raw)
     by_template: dict[str, list[tuple[str, tuple[int, ...]]]] = defaultdict(list)
     for path, (tpl, ix) in raw.items():
         by_template[tpl].append((path, ix))
-    # each path's leaves, sorted by name, with their tensor facts: looked up once, used twice
     info = keyset.infos
-    facts = {path: [(name, key, info[key]) for name, key in (sorted(leaves.items()) if len(leaves) > 1 else
-                                                              leaves.items())]
-             for path, leaves in grouped.items()}
     final = raw  # templates as parsed, but for inner slots that name parts
     for tpl, members in by_template.items():
         if tpl.count(SLOT) > 1:
-            kinds = {p: tuple((name, info.shape) for name, _, info in facts[p]) for p, _ in members}
+            kinds = {p: tuple((name, info[key].shape) for name, key in sorted(grouped[p].items())) for p, _ in members}
             final.update(_fix_parts(tpl, members, kinds))
     units = []
-    for position, (path, found) in enumerate(facts.items()):
+    for position, (path, leaves) in enumerate(grouped.items()):
         tpl, ix = final[path]
-        infos = tuple(Leaf(name, (key,), info.shape, info.dtype) for name, key, info in found)
-        units.append(Unit(path=path, leaves=infos, template=tpl, indices=ix, position=position))
+        if len(leaves) == 1:
+            ((name, key),) = leaves.items()
+            facts = info[key]
+            found: tuple[Leaf, ...] = (Leaf(name, (key,), facts.shape, facts.dtype),)
+        else:  # leaves sorted by name
+            found = tuple(Leaf(name, (key,), info[key].shape, info[key].dtype) for name, key in sorted(leaves.items()))
+        units.append(Unit(path, found, tpl, ix, position))
     return units
 
 

@@ -167,4 +167,4 @@ def test_pair_cache_gives_what_members_and_quality_give(holes):
             pairs = _members(a, b)
             assert cache.members(a, b) == pairs
             if pairs:
-                assert cache.quality(a, b, pairs) == _cluster_quality(pairs)
+                assert cache.quality(a, b, cache.positions(a, b)) == _cluster_quality(pairs)
