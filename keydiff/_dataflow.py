@@ -103,7 +103,7 @@ def _trace(model: nn.Module, state: Mapping[str, Any], keys: list[str], example:
     deadline = time.perf_counter() + budget
     failures: list[str] = []
     for label, args, kwargs in candidates[:MAX_CANDIDATES]:
-        tracer = _Tracer(tensors, deadline)
+        tracer = _Tracer(tensors, deadline, budget)
         try:
             with _watching(model, tracer.stack), tracer:
                 tracer.start(args, kwargs)
@@ -153,7 +153,7 @@ def _tensor_type() -> type:
 class _Tracer:
     """The op-by-op bookkeeping; entered as a ``TorchFunctionMode``."""
 
-    def __init__(self, tensors: Mapping[int, list[str]], deadline: float) -> None:
+    def __init__(self, tensors: Mapping[int, list[str]], deadline: float, budget: float) -> None:
         import torch
         from torch.overrides import TorchFunctionMode
         from torch.utils._pytree import tree_leaves
@@ -161,6 +161,7 @@ class _Tracer:
         self.tensors = tensors
         """id of each state tensor -> its keys (several when tied)."""
         self.deadline = deadline
+        self.budget = budget
         self.stack: list[str] = []
         self.keep: list[torch.Tensor] = []  # every tensor seen stays alive, so no id() is reused during the trace
         self.producers: dict[int, dict[str, int]] = {}
@@ -177,6 +178,8 @@ class _Tracer:
 
         class Mode(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
+                if time.perf_counter() > tracer.deadline:  # before the op: one op can be long (a recurrent layer)
+                    raise _Stop(f"the trace took longer than its budget of {tracer.budget:g} s")
                 out = func(*args, **(kwargs or {}))
                 tracer.op(func, args, kwargs or {}, out)
                 return out
@@ -218,11 +221,8 @@ class _Tracer:
             if not outputs:
                 return  # .shape, .dim(), .item(): metadata, not a use of the tensor's values
         self.clock += 1
-        if self.clock % 256 == 0:
-            if self.clock > MAX_OPS:
-                raise _Stop(f"more than {MAX_OPS} ops")
-            if time.perf_counter() > self.deadline:
-                raise _Stop("the trace took longer than its budget")
+        if self.clock > MAX_OPS:
+            raise _Stop(f"more than {MAX_OPS} ops")
         producers: dict[str, int] = {}
         keys: set[str] = set()
         data = False  # whether an input is an activation (the model's input counts, with no producer)
@@ -321,16 +321,24 @@ def example_inputs(model: nn.Module) -> list[Example]:
 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     found: dict[str, Example] = {}
-    for label, args, kwargs in _configured(model, dtype):
-        found.setdefault(label, (label, args, kwargs))
+    for example in _configured(model, dtype):
+        found.setdefault(*_keyed(example))
     sizes = _declared_sizes(model)
+    channels = _declared_channels(model)
+    if channels is not None:  # an image the model declares, even when its first layer is no plain convolution
+        for hw in sizes:
+            found.setdefault(*_keyed(_example(_meta((1, channels, *hw), dtype))))
     # registration order need not be execution order: the first few tensor-owning modules take turns
     per_module = [list(_from_module(m, sizes, dtype)) for m in _first_owners(model, 3)]
     for turn in range(max(map(len, per_module), default=0)):
         for candidates in per_module:
             if turn < len(candidates):
-                found.setdefault(candidates[turn][0], candidates[turn])
+                found.setdefault(*_keyed(candidates[turn]))
     return list(found.values())[:MAX_CANDIDATES]
+
+
+def _keyed(example: Example) -> tuple[str, Example]:
+    return example[0], example
 
 
 def _meta(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -446,6 +454,23 @@ def _declared_sizes(model: nn.Module) -> list[tuple[int, int]]:
             if hw is not None and hw not in sizes:
                 sizes.append(hw)
     return sizes
+
+
+def _declared_channels(model: nn.Module) -> int | None:
+    """Image channels the model states (``pretrained_cfg["input_size"][0]``, ``in_chans``), else those of its
+    first 2-d convolution."""
+    from torch import nn
+
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
+        if isinstance(size, (tuple, list)) and len(size) == 3 and isinstance(size[0], int) and size[0] > 0:
+            return size[0]
+    for attr in ("in_chans", "in_channels", "num_channels"):
+        value = getattr(model, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
 
 
 def _first_owners(model: nn.Module, count: int) -> list[nn.Module]:
