@@ -26,7 +26,7 @@ import inspect
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from keydiff._keys import Dataflow, owner_of
@@ -100,6 +100,7 @@ def _trace(model: nn.Module, state: Mapping[str, Any], keys: list[str], example:
     candidates = [_as_example(example)] if example is not None else example_inputs(model)
     if not candidates:
         return Dataflow.from_registration(keys, reason="not run: no example input could be derived from the model")
+    _warm_up()
     deadline = time.perf_counter() + budget
     failures: list[str] = []
     for label, args, kwargs in candidates[:MAX_CANDIDATES]:
@@ -115,6 +116,14 @@ def _trace(model: nn.Module, state: Mapping[str, Any], keys: list[str], example:
             continue
         return tracer.result(keys, reason=f"ran on {label}")
     return Dataflow.from_registration(keys, reason="forward failed on the meta device; " + "; ".join(failures))
+
+
+def _warm_up() -> None:
+    """Import what meta kernels written in Python import on their first call, before the budget's clock starts."""
+    # torch's Python decompositions import torch._dynamo (and sympy) lazily: seconds, once per process, and already
+    # paid whenever timm is imported. A cost of the process, not of the model.
+    with suppress(ImportError):
+        import torch._dynamo  # noqa: F401
 
 
 def _say(exc: BaseException) -> str:
