@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from keydiff._dataflow import example_inputs, meta_copy, trace_dataflow
 from keydiff._keys import Dataflow
 from keydiff._model import keyset_of, read_model
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = dict(embed_dim=8, depth=2, num_heads=2, img_size=16, patch_size=8, num_classes=0)
 TINY_BERT = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, vocab_size=50,
                  max_position_embeddings=32)
@@ -86,6 +88,16 @@ def test_transformers_bert_embeddings_feed_their_norm():
     assert set(flow.fed_by(e + "LayerNorm")) == {e + "word_embeddings", e + "token_type_embeddings",
                                                   e + "position_embeddings"}
     assert flow.fed_by("encoder.layer.0.attention.self.query") == (e + "LayerNorm",)
+
+
+def test_transformers_two_tower_model_gets_text_and_image_sized_from_its_sub_configurations():
+    transformers = pytest.importorskip("transformers")
+    tower = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24)
+    config = transformers.CLIPConfig(text_config=dict(tower, vocab_size=50, max_position_embeddings=32),
+                                     vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=8)
+    flow = trace_dataflow(_meta(lambda: transformers.CLIPModel(config)))
+    assert flow.ran and flow.reason == "ran on input_ids=int64[1, 16], pixel_values=float32[1, 3, 32, 32]"
+    assert flow.fed_by("visual_projection") == ("vision_model.post_layernorm",)
 
 
 # ------------------------------------------------------------------------------------------------ tiny modules
@@ -241,7 +253,7 @@ def test_the_cache_keeps_the_dataflow_and_a_hit_imports_no_torch():
             f"ks = read_model('vit_tiny_patch16_224', {TINY_VIT!r}); "
             "print(ks.flow.ran, ks.flow.order[1] == '', 'torch' in sys.modules, 'timm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
-                         check=True).stdout.split()
+                         check=True, cwd=ROOT).stdout.split()
     assert out == ["True", "True", "False", "False"]
 
 
@@ -252,6 +264,14 @@ def test_a_failed_trace_is_cached_as_such():
 
     ks = KeySet.from_items([("b.w", TensorInfo((1,), "float32")), ("a.w", TensorInfo((1,), "float32"))], flow=flow)
     assert _flow_from_json(_flow_to_json(ks), list(ks)) == flow
+
+
+def test_the_trace_does_not_depend_on_the_hash_seed():
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_dataflow as t; "
+            "print(repr(t.trace_dataflow(t._meta(t.OwnAndChildren))))")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                           env=dict(os.environ, PYTHONHASHSEED=seed)).stdout for seed in ("1", "2", "3")}
+    assert len(runs) == 1 and "ran=True" in runs.pop()
 
 
 def test_two_traces_are_equal():
