@@ -11,8 +11,9 @@ data (whether or not its module's ``forward`` runs: fused attention passes ``qkv
   modules whose output it was computed from, each stamped with when it produced;
 - a tensor computed from parameters alone (``weight.view(...)``, ``cat((q_bias, zeros, v_bias))``) carries the keys
   it derives from;
-- an op that combines the two consumes those keys, records an edge from every producer to every owner of the keys,
-  and its output's producers become those owners alone.
+- an op that combines the two (or keys with a constant: position ids, a relative-position index) consumes those
+  keys, records an edge from every producer to every owner of the keys, and its output's producers become those
+  owners (plus the data's producers, for an addition or a concatenation: ``x + pos_embed``).
 
 Nothing is allocated: the model's tensors are on the meta device, and so is the input. The trace never raises: a
 forward that fails (an input it does not accept, a data-dependent op on meta) or runs past its budget gives the
@@ -48,8 +49,8 @@ Example = tuple[str, tuple[Any, ...], dict[str, Any]]
 """A candidate input: its description, positional and keyword arguments."""
 
 
-class _Stop(Exception):
-    """The trace ran out of budget."""
+class _Stop(BaseException):
+    """The trace ran out of budget (a ``BaseException``, so that no ``except Exception`` in model code swallows it)."""
 
 
 def trace_dataflow(model: nn.Module, example: Any = None, *, budget: float = TRACE_BUDGET) -> Dataflow:
@@ -83,11 +84,11 @@ def trace_dataflow(model: nn.Module, example: Any = None, *, budget: float = TRA
         return Dataflow.from_registration((), reason=f"not run: no state dict ({_say(exc)})")
     try:
         if any(state[k].device.type != "meta" for k in keys):
-            copy = meta_copy(model)
-            if copy is None:
+            twin = meta_copy(model)
+            if twin is None:
                 return Dataflow.from_registration(keys, reason="not run: the model is not on the meta device and "
                                                                "cannot be copied there")
-            model, state = copy, copy.state_dict(keep_vars=True)
+            model, state = twin, twin.state_dict(keep_vars=True)
         return _trace(model, state, keys, example, budget)
     except Exception as exc:  # the trace is evidence, never a failure of the diff
         return Dataflow.from_registration(keys, reason=f"not run: {_say(exc)}")
@@ -153,10 +154,9 @@ def _pop(stack: list[str]) -> None:
     stack.pop()  # and return None: a forward hook that returns a value replaces the module's output
 
 
-def _tensor_type() -> type:
-    import torch
-
-    return torch.Tensor
+_MERGES = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__",
+                     "__isub__", "cat", "concat", "concatenate", "stack", "hstack", "vstack"})
+"""Ops whose output carries their inputs through (``x + pos_embed``, ``cat((cls_token, x))``), unlike a linear map."""
 
 
 class _Tracer:
@@ -182,6 +182,7 @@ class _Tracer:
         self.edges: dict[tuple[str, str], int] = {}
         self.clock = 0
         self._leaves = tree_leaves
+        self._tensor = torch.Tensor
         self._setitem = torch.Tensor.__setitem__
         tracer = self
 
@@ -209,8 +210,7 @@ class _Tracer:
             self.keep.append(t)
 
     def _tensors(self, tree: Any) -> list[torch.Tensor]:
-        tensor = _tensor_type()
-        return [x for x in self._leaves(tree) if isinstance(x, tensor)]
+        return [x for x in self._leaves(tree) if isinstance(x, self._tensor)]
 
     def _key(self, keys: list[str]) -> str:
         """Which of a tied tensor's keys is being used: the one whose module is running, innermost first."""
@@ -234,7 +234,8 @@ class _Tracer:
             raise _Stop(f"more than {MAX_OPS} ops")
         producers: dict[str, int] = {}
         keys: set[str] = set()
-        data = False  # whether an input is an activation (the model's input counts, with no producer)
+        data = False  # an input is an activation (the model's input counts, with no producer)
+        other = False  # an input is neither an activation nor a weight: a constant, a non-persistent buffer
         for t in self._tensors((args, kwargs)):
             i = id(t)
             if i in self.tensors:
@@ -248,19 +249,26 @@ class _Tracer:
                 for p, when in self.producers[i].items():
                     if producers.get(p, -1) < when:
                         producers[p] = when
-        if keys and not data:
+            else:
+                other = True
+        if not keys:
+            if data:
+                self._mark(outputs, producers=producers)
+            return  # from constants alone: a constant, no producer and no key
+        if not data and not other:  # weights rearranged (weight.view, cat of biases, expand): not consumed yet
             self._mark(outputs, derived=frozenset(keys))
             return
-        if keys:  # parameters meet the data: their owners consume it
-            owners = {owner_of(k) for k in keys}
-            for k in keys:
-                self.consumed.setdefault(k, self.clock)
-            for p, when in producers.items():
-                for o in owners:
-                    if p != o and self.edges.get((p, o), -1) < when:
-                        self.edges[(p, o)] = when
-            producers = dict.fromkeys(owners, self.clock)
-        self._mark(outputs, producers=producers)
+        # the weights meet the data (or a constant: position ids, a relative-position index): their owners consume
+        owners = {owner_of(k) for k in keys}
+        for k in keys:
+            self.consumed.setdefault(k, self.clock)
+        for p, when in producers.items():
+            for o in owners:
+                if p != o and self.edges.get((p, o), -1) < when:
+                    self.edges[(p, o)] = when
+        # the output is the owners' output; an addition or a concatenation also passes the data's producers on
+        merged = producers if getattr(func, "__name__", "") in _MERGES else {}
+        self._mark(outputs, producers={**merged, **dict.fromkeys(owners, self.clock)})
 
     def _mark(self, outputs: list[torch.Tensor], *, producers: dict[str, int] | None = None,
               derived: frozenset[str] | None = None) -> None:
