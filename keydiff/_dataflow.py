@@ -36,10 +36,14 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["MAX_OPS", "TRACE_BUDGET", "example_inputs", "meta_copy", "trace_dataflow"]
+__all__ = ["MAX_OPS", "TRACE_BUDGET", "WALL_FACTOR", "example_inputs", "meta_copy", "trace_dataflow"]
 
 TRACE_BUDGET = 2.0
-"""Seconds one trace may take (all candidate inputs together); past it the trace stops and reports why."""
+"""CPU seconds one trace may take (all candidate inputs together); past it the trace stops and reports why. CPU time
+of the tracing thread, not wall time: on a loaded machine the same model gets the same answer, and the answer is
+cached. A wall-clock backstop of ``WALL_FACTOR`` times the budget catches a forward that waits instead of computing."""
+WALL_FACTOR = 10
+"""The wall-clock backstop, in budgets."""
 MAX_OPS = 200_000
 """Ops one trace may watch, a bound that does not depend on the machine's speed."""
 MAX_CANDIDATES = 4
@@ -62,7 +66,7 @@ def trace_dataflow(model: nn.Module, example: Any = None, *, budget: float = TRA
             never touched.
         example: the input: a tensor, a tuple of positional arguments or a dict of keyword arguments (moved to the
             meta device). Default: derived from the model (``example_inputs``), the first candidate that runs.
-        budget: seconds the trace may take before it stops (with ``ran=False``).
+        budget: CPU seconds the trace may take before it stops (with ``ran=False``).
 
     Returns:
         The dataflow; never raises. ``ran=False`` (registration order, no edges) when no input ran.
@@ -102,7 +106,7 @@ def _trace(model: nn.Module, state: Mapping[str, Any], keys: list[str], example:
     if not candidates:
         return Dataflow.from_registration(keys, reason="not run: no example input could be derived from the model")
     _warm_up()
-    deadline = time.perf_counter() + budget
+    deadline = (time.thread_time() + budget, time.perf_counter() + WALL_FACTOR * budget)
     failures: list[str] = []
     for label, args, kwargs in candidates[:MAX_CANDIDATES]:
         tracer = _Tracer(tensors, deadline, budget)
@@ -162,7 +166,7 @@ _MERGES = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "s
 class _Tracer:
     """The op-by-op bookkeeping; entered as a ``TorchFunctionMode``."""
 
-    def __init__(self, tensors: Mapping[int, list[str]], deadline: float, budget: float) -> None:
+    def __init__(self, tensors: Mapping[int, list[str]], deadline: tuple[float, float], budget: float) -> None:
         import torch
         from torch.overrides import TorchFunctionMode
         from torch.utils._pytree import tree_leaves
@@ -170,6 +174,7 @@ class _Tracer:
         self.tensors = tensors
         """id of each state tensor -> its keys (several when tied)."""
         self.deadline = deadline
+        """(CPU, wall) times past which the trace stops."""
         self.budget = budget
         self.stack: list[str] = []
         self.keep: list[torch.Tensor] = []  # every tensor seen stays alive, so no id() is reused during the trace
@@ -188,13 +193,20 @@ class _Tracer:
 
         class Mode(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
-                if time.perf_counter() > tracer.deadline:  # before the op: one op can be long (a recurrent layer)
-                    raise _Stop(f"the trace took longer than its budget of {tracer.budget:g} s")
+                tracer.check()  # before the op: one op can be long (a recurrent layer)
                 out = func(*args, **(kwargs or {}))
                 tracer.op(func, args, kwargs or {}, out)
                 return out
 
         self.mode = Mode()
+
+    def check(self) -> None:
+        """Stop the trace when its budget is spent."""
+        cpu, wall = self.deadline
+        if time.thread_time() > cpu:
+            raise _Stop(f"the trace took more than its budget of {self.budget:g} CPU seconds")
+        if time.perf_counter() > wall:
+            raise _Stop(f"the trace took more than {WALL_FACTOR * self.budget:g} s")
 
     def __enter__(self) -> _Tracer:
         self.mode.__enter__()
@@ -517,7 +529,7 @@ def _from_module(module: nn.Module, sizes: list[tuple[int, int]], dtype: torch.d
     elif isinstance(module, nn.Linear):
         yield _example(_meta((1, module.in_features), dtype))
         yield _example(_meta((1, 16, module.in_features), dtype))
-    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.normalized_shape:
+    elif isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) and module.normalized_shape:
         yield _example(_meta((1, 16, *module.normalized_shape), dtype))
 
 
