@@ -1,8 +1,8 @@
 """A cache of model key sets, so that diagnosing against the same timm model again imports neither torch nor timm.
 
-One JSON file per model: its keys, shapes and dtypes in state-dict order and its dataflow (the forward pass traced
-on the meta device, which is what makes a first build slow), named by a hash of the model name, its
-arguments and the versions of timm, torch and keydiff (any upgrade is a new entry). Files live in
+One JSON file per model: its keys, shapes and dtypes in state-dict order and its dataflow (``keydiff._dataflow``: a
+forward pass traced on the meta device, part of what makes a first build slow), named by a hash of the model name,
+its arguments and the versions of timm, torch and keydiff (any upgrade is a new entry). Files live in
 ``$KEYDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/keydiff``, else ``~/.cache/keydiff``; ``KEYDIFF_NO_CACHE=1`` turns the
 cache off. Only timm names are cached: a ``module:callable`` is user code that can change under the same name.
 
