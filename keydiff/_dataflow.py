@@ -138,7 +138,8 @@ def _say(exc: BaseException) -> str:
 
 @contextmanager
 def _watching(model: nn.Module, stack: list[str]) -> Iterator[None]:
-    """Eval mode, no autograd, no warnings, and a stack of the modules running (to tell tied keys apart)."""
+    """Eval mode, no autograd, no warnings, meta as the default device, and a stack of the modules running (to tell
+    tied keys apart)."""
     import torch
 
     modes = [(m, m.training) for m in model.modules()]
@@ -146,6 +147,7 @@ def _watching(model: nn.Module, stack: list[str]) -> Iterator[None]:
         undo.callback(lambda: [setattr(m, "training", t) for m, t in modes])  # each module's own flag back
         model.eval()
         undo.enter_context(torch.no_grad())
+        undo.enter_context(torch.device("meta"))  # torch.ones(n, n) in a forward: on meta too, like the weights
         undo.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
         for path, module in model.named_modules(remove_duplicate=False):

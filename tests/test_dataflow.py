@@ -200,6 +200,14 @@ def test_tied_keys_are_used_where_their_own_module_runs():
     assert flow.unused == () and flow.feeds == (("embed", "norm"), ("norm", "head"))
 
 
+def test_tensors_a_forward_makes_without_a_device_are_on_meta_too():
+    from llm_models import linear_gpt  # its attention builds its causal mask with torch.ones(n, n)
+
+    flow = trace_dataflow(linear_gpt())
+    assert flow.ran, flow.reason
+    assert flow.order[:3] == ("wte", "wpe", "blocks.0.ln1") and set(flow.fed_by("blocks.0.ln1")) == {"wte", "wpe"}
+
+
 def test_a_forward_that_fails_gives_registration_order_and_says_why():
     model = _meta(Broken)
     flow = trace_dataflow(model)
