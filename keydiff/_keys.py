@@ -172,7 +172,9 @@ class Dataflow:
         return cls(ran=False, reason=reason, param_order=keys, order=tuple(dict.fromkeys(map(owner_of, keys))))
 
     def position(self, key: str) -> int:
-        """First-use rank of a tensor key (0 is consumed first).
+        """First-use rank of a tensor key (0 is consumed first): its index in ``param_order``, so a key never
+        consumed ranks right after the key registered before it, and every key has its registration rank when the
+        forward did not run.
 
         Raises:
             KeyError: ``key`` is not one of the model's keys.
