@@ -40,6 +40,7 @@ LAYERS = [
     "keydiff._sources",
     "keydiff._background",
     "keydiff._cache",
+    "keydiff._dataflow",
     "keydiff._model",
     # writing and running
     "keydiff._writer",
