@@ -411,9 +411,25 @@ def _match(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_rest: lis
     if not checkpoint.order_is_evidence:
         order = structural_order(order)
     src_units = build_units(checkpoint, order, order=order)
-    dst_units = build_units(model, dst_rest)
+    dst_units = build_units(model, dst_rest, order=_run_order(model, dst_rest))
     pairings, _, _, notes = match_units(src_units, dst_units, file_order=checkpoint.order_is_evidence)
     return [e for p in pairings for e in _entries(p, to_raw)], notes
+
+
+def _run_order(model: KeySet, keys: list[str]) -> list[str] | None:
+    """The model's keys in the order its forward first uses them (``KeySet.flow``), when the forward ran: the
+    order step aligns the checkpoint's structure against what runs after what, not against how the code declares
+    its modules (a norm declared far from the conv it follows)."""
+    flow = model.flow
+    if flow is None or not flow.ran:
+        return None
+    def rank(key: str) -> int:
+        try:
+            return flow.position(key)
+        except KeyError:  # a key the trace did not see: after the others, in registration order (sort is stable)
+            return len(model)
+
+    return sorted(keys, key=rank)
 
 
 def _match_folded(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_rest: list[str],

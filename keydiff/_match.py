@@ -639,7 +639,17 @@ def _swaps(soft: list[_Soft]) -> list[tuple[int, int]]:
     return out
 
 
-def _repair(fixed: Sequence[Pairing], soft: list[_Soft]) -> None:
+def _names_prefer_trade(pa: _Soft, pb: _Soft) -> bool:
+    """Whether the parts' own names (last tokens) say the two pairings are crossed: each source's part name is
+    the other target's (``layernorm_before`` is ``norm1``), and the trade gains by a margin."""
+    kept = _gain(pa.source, pa.target) + _gain(pb.source, pb.target)
+    swapped = _gain(pa.source, pb.target) + _gain(pb.source, pa.target)
+    return swapped - kept >= AMBIGUITY_MARGIN and all(
+        _token_similarity(_last_token(s), _last_token(t)) >= 0.8 for s, t in ((pa.source, pb.target),
+                                                                             (pb.source, pa.target)))
+
+
+def _repair(fixed: Sequence[Pairing], soft: list[_Soft], file_order: bool) -> None:
     """Trade partners between same-shaped pairs where that puts more checkpoint siblings under one model module, or
     where names clearly prefer the trade and structure does not object (an alphabetical file puts
     ``layernorm_after`` before ``layernorm_before``, so the order step pairs them crosswise)."""
@@ -649,10 +659,8 @@ def _repair(fixed: Sequence[Pairing], soft: list[_Soft]) -> None:
         for a, b in _swaps(soft):
             pa, pb = soft[a], soft[b]
             swapped, kept = structure.consistency(pa, pb, True), structure.consistency(pa, pb, False)
-            names = (_gain(pa.source, pb.target) + _gain(pb.source, pa.target)
-                     - _gain(pa.source, pa.target) - _gain(pb.source, pb.target))
-            if swapped > kept or (swapped == kept and names >= AMBIGUITY_MARGIN and not (
-                    pa.method == pb.method == "order" and _order_is_evidence(pa.source, pb.source, False))):
+            if swapped > kept or (swapped == kept and _names_prefer_trade(pa, pb) and not (
+                    pa.method == pb.method == "order" and _order_is_evidence(pa.source, pb.source, file_order))):
                 structure.add(pa.source, pa.target, -1)
                 structure.add(pb.source, pb.target, -1)
                 pa.target, pb.target = pb.target, pa.target
@@ -926,7 +934,7 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
         else:
             notes.append(f"{len(left_src)} x {len(left_dst)} unmatched units: too many to align by order")
         soft += [_Soft(left_src[i], left_dst[j], "unique") for i, j in _unique_pairs(left_src, left_dst)]
-        _repair(pairings, soft)
+        _repair(pairings, soft, file_order)
         undecided = _undecided(pairings, soft, file_order)
         for n, p in enumerate(soft):
             g = name_similarity(p.source.template, p.target.template)

@@ -239,3 +239,40 @@ def test_role_ambiguous_norms_without_dataflow_stay_unresolved(tmp_path, monkeyp
     right, _ = _hf_to_timm(tmp_path, EfficientNetModel(cfg), "tf_efficientnet_b0", num_classes=0)
     proven = {e.target: e.source for e in right.mapping.entries}
     assert all(proven[e.target] == e.source for e in d.mapping.entries)
+
+
+def test_order_step_aligns_against_the_run_order(tmp_path):
+    # the target declares `late` before `early` but runs `early` first; the checkpoint (a torch file: its order is
+    # the source's, which declares and runs in one order) gives names that say nothing: run order decides
+    import torch
+    from torch import nn
+
+    import keydiff
+
+    class Target(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.late = nn.Linear(8, 8)
+            self.early = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.late(torch.relu(self.early(x)))
+
+    class Source(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.alpha = nn.Linear(8, 8)
+            self.omega = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.omega(torch.relu(self.alpha(x)))
+
+    src, dst = Source(), Target()
+    path = tmp_path / "source.pth"
+    torch.save(src.state_dict(), path)
+    d = keydiff.diff(dst, str(path))
+    assert d.ok
+    assert {e.target: e.source[0] for e in d.mapping.entries}["early.weight"] == "alpha.weight"
+    dst.load_state_dict(d.apply(), strict=True)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(dst(x), src(x))
