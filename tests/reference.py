@@ -15,6 +15,7 @@ produces from the checkpoint, through keydiff's own op, equals the reference ten
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -402,6 +403,11 @@ class Outcome:
     judged: tuple[Judged, ...]
     error: str = ""
     """The error (exit 2), or why a complete mapping did not load."""
+    diff: Diff | None = None
+    seconds: float = 0.0
+    """Time keydiff took to diff the pair."""
+    ref_rel: float | None = None
+    """The reference's own proof: the target loaded with it against the source (None: negative pair, shapes only)."""
 
     @property
     def ok(self) -> bool:
@@ -433,10 +439,14 @@ def evaluate(pair: Pair, directory: Any) -> Outcome:
     path, src = write_source(pair, directory)
     dst = pair.target_model()
     ref = reference_for(pair)(pair, src, dst)
+    ref_rel = prove(pair, src, ref)
+    t0 = time.perf_counter()
     try:
         d = keydiff.diff(pair.target, str(path), **pair.target_kwargs)
     except keydiff.KeydiffError as exc:  # the CLI's exit 2
-        return Outcome(pair, 2, None, (), f"{type(exc).__name__}: {exc}")
+        return Outcome(pair, 2, None, (), f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0,
+                       ref_rel=ref_rel)
+    seconds = time.perf_counter() - t0
     judged = tuple(check_entries(d, ref))
     rel, error = None, ""
     if d.ok:
@@ -445,4 +455,37 @@ def evaluate(pair: Pair, directory: Any) -> Outcome:
             rel = max_rel_diff(pair, src, dst)
         except Exception as exc:  # a complete mapping that does not load is a finding, not a crash
             error = str(exc).splitlines()[0][:200]
-    return Outcome(pair, 0 if d.ok else 1, rel, judged, error)
+    return Outcome(pair, 0 if d.ok else 1, rel, judged, error, d, seconds, ref_rel)
+
+
+# --- the old negative controls (tests/test_corpus.py NEGATIVE) -------------------------------------------------------
+
+def nothing(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """No tensor has a counterpart (another width, another architecture): every applied entry is wrong."""
+    return {}
+
+
+def as_positive(kwargs: dict[str, Any], base: Callable[[Pair, nn.Module, nn.Module], Reference]
+                ) -> Callable[[Pair, nn.Module, nn.Module], Reference]:
+    """The shared part of a depth mismatch: the reference of the same source against the target built with
+    ``kwargs`` (the depth the source has), which the positive pair proves."""
+    from dataclasses import replace
+
+    def build(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+        positive = replace(pair, target_kwargs=kwargs, negative=False)
+        return base(positive, src, positive.target_model())
+
+    return build
+
+
+def as_negative(pair: Pair) -> Pair:
+    """An old negative control as a negative pair with its reference. A BasicBlock checkpoint against a
+    Bottleneck model counts the keys of equal name and shape as the shared part (what ``strict=False`` loads; a
+    block's ``bn1`` then normalises another convolution, but no other choice is more right)."""
+    from dataclasses import replace
+
+    from pairs import VIT
+
+    refs = {"hf_vit_depth2": as_positive(VIT, engine), "hf_vit_width32": nothing, "tv_convnext_as_vit": nothing,
+            "tv_resnet18_as_50": shared}
+    return replace(pair, negative=True, reference=refs[pair.name])
