@@ -80,6 +80,9 @@ def entry_figures(outcomes: list) -> int:
               f"{'solved' if o.solved else 'FAILS'}")
         if o.error:
             print(f"    error: {o.error[:200]}")
+        if o.diff and o.diff.mapping.missing and not o.pair.negative:
+            keys = [m.key for m in o.diff.mapping.missing]
+            print(f"    unresolved: {', '.join(keys[:6])}{f' and {len(keys) - 6} more' if len(keys) > 6 else ''}")
         wrong = Counter((j.applied, f"{j.entry.confidence:.2f}", j.entry.evidence.method, j.entry.evidence.shape)
                         for j in o.judged if not j.right)
         for (applied, conf, method, shape), n in sorted(wrong.items(), reverse=True):

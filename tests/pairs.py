@@ -45,11 +45,15 @@ class Pair:
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Distinct random values in every float tensor, so that a swapped norm or a wrong q/k/v order shows."""
+    """Distinct random values in every float tensor, so that a swapped norm or a wrong q/k/v order shows.
+
+    Only the tensors of the state dict: a non-persistent buffer is derived, not a weight (Swin V2's
+    ``relative_coords_table``), and the target rebuilds its own."""
     g = torch.Generator().manual_seed(seed)
+    stored = set(model.state_dict())
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if not t.is_floating_point():
+            if not t.is_floating_point() or name not in stored:
                 continue
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
@@ -417,3 +421,11 @@ UNSEEN_PAIRS = [
     Pair("timm_resnet18_as_34", timm_source("resnet18", **RESNET), "resnet34", RESNET, logits, logits,
          input_shape=(2, 3, 64, 64), negative=True, reference=ref("shared")),
 ]
+
+UNSEEN_PAIRS.append(
+    # Swin V2: partial biases beside a fused weight again, and the patch merging moves to the next stage
+    Pair("hf_swinv2", hf("Swinv2Config", "Swinv2Model", image_size=64, patch_size=4, embed_dim=16, depths=[1, 2],
+                         num_heads=[1, 2], window_size=4), "swinv2_tiny_window8_256",
+         dict(img_size=64, embed_dim=16, depths=(1, 2), num_heads=(1, 2), window_size=4, num_classes=0), hf_pooled,
+         pooled, input_shape=(2, 3, 64, 64), reference=ref("swinv2")),
+)

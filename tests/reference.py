@@ -489,3 +489,35 @@ def as_negative(pair: Pair) -> Pair:
     refs = {"hf_vit_depth2": as_positive(VIT, engine), "hf_vit_width32": nothing, "tv_convnext_as_vit": nothing,
             "tv_resnet18_as_50": shared}
     return replace(pair, negative=True, reference=refs[pair.name])
+
+
+def swinv2(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """transformers Swin V2 -> timm: q/k/v (k without bias) into ``qkv.weight`` beside ``q_bias``/``v_bias``; the
+    patch merging that ends stage ``s`` in transformers starts stage ``s + 1`` in timm."""
+    sd = src.state_dict()
+    blk = r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\."
+    to = r"layers.\1.blocks.\2."
+    ref = renamed(sd, [
+        (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+        (r"^embeddings\.norm\.", "patch_embed.norm."),
+        (blk + r"attention\.self\.logit_scale$", to + "attn.logit_scale"),
+        (blk + r"attention\.self\.continuous_position_bias_mlp\.", to + "attn.cpb_mlp."),
+        (blk + r"attention\.self\.query\.bias$", to + "attn.q_bias"),
+        (blk + r"attention\.self\.value\.bias$", to + "attn.v_bias"),
+        (blk + r"attention\.output\.dense\.", to + "attn.proj."),
+        (blk + r"layernorm_before\.", to + "norm1."),
+        (blk + r"layernorm_after\.", to + "norm2."),
+        (blk + r"intermediate\.dense\.", to + "mlp.fc1."),
+        (blk + r"output\.dense\.", to + "mlp.fc2."),
+        (r"^layernorm\.", "norm."),
+    ])
+    for key, value in sd.items():
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.downsample\.(.+)", key)
+        if m:
+            ref[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = value
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self\.key\.weight", key)
+        if m:
+            s, b = m.groups()
+            parts = [sd[f"encoder.layers.{s}.blocks.{b}.attention.self.{p}.weight"] for p in ("query", "key", "value")]
+            ref[f"layers.{s}.blocks.{b}.attn.qkv.weight"] = torch.cat(parts)
+    return ref

@@ -94,6 +94,7 @@ FAILS_CLI = {
     "hf_data2vec_vision": "exit 1: qkv.weight, q_bias, v_bias stay unresolved (separate q/k/v with no k bias)",
     "hf_siglip_map": "exit 1: the head's in_proj_weight goes to blocks.1.attn.qkv (conf 0.78 order), attn_pool.q/kv "
                      "take layer 0/1's self-attention q and k+v (conf 0.75 order); blocks.0/1 qkv stay unresolved",
+    "hf_swinv2": "exit 1: qkv.weight, q_bias, v_bias of the 3 blocks stay unresolved (separate q/k/v, no k bias)",
     "openclip_whole_clip": "exit 1: head.weight (visual.proj transposed) and head.bias (zero) stay unresolved",
     "timm_vit_depth4_as_2": "exit 0: blocks 2 and 3 of the checkpoint are left unused and the shallower model is "
                             "reported complete (it loads strictly and computes something else)",
