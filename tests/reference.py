@@ -5,8 +5,9 @@ own tensors without keydiff. It is proven by ``prove``: for a positive pair it l
 the target then reproduces the source's outputs; for a negative pair it covers the part that has a counterpart.
 
 Most references come from a trace: the modules that own tensors on both sides are paired by the order in which
-their forward calls finish (as ``shared/bench/realpairs.py::trace_mapping`` does), with per-pair fix-ups; the rest
-are hand-written remaps (fused q/k/v, a transposed projection, a zero bias).
+their forward calls finish (as ``shared/bench/realpairs.py::trace_mapping`` does); the rest
+are hand-written remaps (fused q/k/v, a transposed projection, a zero bias), and a few old-corpus pairs use
+keydiff's own tensors, which are a reference only because the outputs prove them (``engine``).
 
 ``check_entries`` then judges every entry keydiff proposed, applied or not: the entry is *right* iff the tensor it
 produces from the checkpoint, through keydiff's own op, equals the reference tensor for its target key.
@@ -62,15 +63,12 @@ def execution_order(model: nn.Module, fwd: Forward, x: torch.Tensor) -> list[tup
     return [(names[id(m)], m) for m in seq]
 
 
-def trace_pairs(src: nn.Module, dst: nn.Module, x: torch.Tensor, src_fwd: Forward, dst_fwd: Forward,
-                fix: Callable[[list, list], tuple[list, list]] | None = None) -> list[tuple[str, str]]:
+def trace_pairs(src: nn.Module, dst: nn.Module, x: torch.Tensor, src_fwd: Forward,
+                dst_fwd: Forward) -> list[tuple[str, str]]:
     """``(source key, target key)`` for every tensor of the modules both forwards run, paired by execution order.
 
-    ``fix(a, b)`` may edit the two ``(name, module)`` sequences first (drop a module with no counterpart, move a
-    shortcut that one library runs before its main path). Raises when the sequences or tensor sizes disagree."""
+    Raises when the sequences or tensor sizes disagree (then the pair needs a hand-written remap)."""
     a, b = execution_order(src, src_fwd, x), execution_order(dst, dst_fwd, x)
-    if fix:
-        a, b = fix(a, b)
     if len(a) != len(b):
         raise RuntimeError(f"trace: {len(a)} source modules vs {len(b)} target modules")
     out = []
@@ -91,11 +89,10 @@ def tensors_of(pairs: Iterable[tuple[str, str]], src_sd: dict[str, torch.Tensor]
     return {t: src_sd[s].reshape(dst_shapes[t]) for s, t in pairs}
 
 
-def trace_reference(pair: Pair, src: nn.Module, dst: nn.Module,
-                    fix: Callable[[list, list], tuple[list, list]] | None = None) -> Reference:
+def trace_reference(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
     """The trace of a pair on its own input, as tensors."""
     x = torch.randn(pair.input_shape, generator=torch.Generator().manual_seed(2))
-    pairs = trace_pairs(src, dst, x, pair.src_out, pair.dst_out, fix)
+    pairs = trace_pairs(src, dst, x, pair.src_out, pair.dst_out)
     shapes = {k: v.shape for k, v in dst.state_dict().items()}
     return tensors_of(pairs, src.state_dict(), shapes)
 
@@ -104,32 +101,6 @@ def shared_names(src: nn.Module, dst: nn.Module) -> Reference:
     """Same name and shape on both sides (a timm or torchvision checkpoint of another depth): the shared part."""
     shapes = {k: v.shape for k, v in dst.state_dict().items()}
     return {k: v for k, v in src.state_dict().items() if k in shapes and shapes[k] == v.shape}
-
-
-def drop(names: Iterable[str]) -> Callable[[list, list], tuple[list, list]]:
-    """A trace fix-up: leave out source modules (a pooler, a head) that the target does not have."""
-    names = set(names)
-    return lambda a, b: ([(n, m) for n, m in a if n not in names], b)
-
-
-def shortcut_first(a: list, b: list) -> tuple[list, list]:
-    """A trace fix-up for resnets: move each block's shortcut ahead of its main path on the source side too.
-
-    timm runs ``downsample`` after ``conv1..bn3``; transformers runs its ``shortcut`` first. Sort the source into the
-    target's convention: within one block, the shortcut modules first, then the rest in order."""
-    def block(name: str) -> str:
-        parts = name.split(".")
-        return ".".join(parts[:4])
-
-    out, i = [], 0
-    while i < len(a):
-        j = i
-        while j < len(a) and block(a[j][0]) == block(a[i][0]):
-            j += 1
-        group = a[i:j]
-        out += [g for g in group if "shortcut" not in g[0]] + [g for g in group if "shortcut" in g[0]]
-        i = j
-    return out, b
 
 
 # --- proving a reference -------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from keydiff.cli import main
@@ -83,13 +84,14 @@ def test_shallower_checkpoint_fills_only_same_index_blocks(tmp_path):
 # by entry. The xfail marks record how each pair fails on today's engine (strict: a fix shows as XPASS; then remove
 # the mark).
 
-WRONG_ORDER_BN = ("keydiff applies wrong entries: the depthwise block's bn1 and the expansion's bn2 are paired "
-                  "with the neighbouring block's norms (conf 0.67 cluster 'the only shape-compatible pair', 0.62 "
-                  "order)")
+SWAPPED_BN = ("keydiff applies 120 wrong entries: in each of the 15 inverted-residual blocks, the expansion's norm "
+              "(bn1) and the depthwise conv's norm (bn2), same shape, are swapped (depthwise_norm -> bn1 at conf 0.67, "
+              "cluster, 'the only shape-compatible pair'; expand_bn -> bn2 at conf 0.62, order)")
 FAILS_CLI = {
-    "hf_efficientnet_b0": "exit 0, a complete mapping that loads and computes something else: " + WRONG_ORDER_BN,
-    "hf_mobilenet_v2": "exit 1: the 16 norms of layer.0 and layer.15 (conv_3x3, expand_1x1) are proposed at conf 0.35 "
-                       "(order, 'ambiguous'), below the threshold, and paired with the wrong blocks",
+    "hf_efficientnet_b0": "exit 0, a complete mapping that loads and computes something else: " + SWAPPED_BN,
+    "hf_mobilenet_v2": "exit 1: bn1 and bn2 of all 16 inverted-residual blocks (160 keys) are proposed at conf 0.35 "
+                       "(order, 'ambiguous: a same-shaped neighbour could take its place'), below the threshold; "
+                       "in blocks.1.0 and blocks.6.0 the proposal swaps them",
     "hf_beit": "exit 1: qkv.weight, q_bias, v_bias stay unresolved (separate q/k/v with no k bias)",
     "hf_data2vec_vision": "exit 1: qkv.weight, q_bias, v_bias stay unresolved (separate q/k/v with no k bias)",
     "hf_siglip_map": "exit 1: the head's in_proj_weight goes to blocks.1.attn.qkv (conf 0.78 order), attn_pool.q/kv "
@@ -102,7 +104,7 @@ FAILS_CLI = {
                          "tensors the name bn1.num_batches_tracked)",
 }
 FAILS_ENTRIES = {
-    "hf_efficientnet_b0": WRONG_ORDER_BN,
+    "hf_efficientnet_b0": SWAPPED_BN,
     "hf_siglip_map": FAILS_CLI["hf_siglip_map"],
     "tv_resnet34_as_18": FAILS_CLI["tv_resnet34_as_18"],
 }
@@ -197,3 +199,12 @@ def test_entry_check_catches_a_wrong_entry(built):
     swapped = replace(e, source=(next(x.source[0] for x in d.mapping.entries if x.target == "bn1.bias"),))
     fake = replace(d, proposals=(e, swapped))
     assert [j.right for j in check_entries(fake, ref)] == [True, False]
+
+
+def test_a_wrong_reference_is_not_proven(built):
+    """The proof is sensitive: with every tensor random, k and v swapped inside a fused qkv change the output."""
+    pair = next(p for p in UNSEEN_PAIRS if p.name == "hf_beit")
+    _, src, ref = built(pair)
+    qkv = ref["blocks.0.attn.qkv.weight"]
+    swapped = dict(ref, **{"blocks.0.attn.qkv.weight": torch.cat([qkv[:32], qkv[64:], qkv[32:64]])})
+    assert prove(pair, src, swapped) > 1e-3
