@@ -105,10 +105,10 @@ def shared_names(src: nn.Module, dst: nn.Module) -> Reference:
 
 # --- proving a reference -------------------------------------------------------------------------------------------
 
-def prove(pair: Pair, src: nn.Module, ref: Reference) -> float | None:
-    """Load the reference into the target and compare outputs; the max relative difference (None: negative pair,
-    only checked to cover a part of the target with the right shapes)."""
-    dst = pair.target_model()
+def prove(pair: Pair, src: nn.Module, ref: Reference, dst: nn.Module | None = None) -> float | None:
+    """Load the reference into the target (``dst``, or a new one) and compare outputs; the max relative difference
+    (None: negative pair, only checked to cover a part of the target with the right shapes)."""
+    dst = pair.target_model() if dst is None else dst
     shapes = {k: v.shape for k, v in dst.state_dict().items()}
     bad = {k: (tuple(v.shape), tuple(shapes.get(k, ()))) for k, v in ref.items() if shapes.get(k) != v.shape}
     if bad:
@@ -410,7 +410,7 @@ def evaluate(pair: Pair, directory: Any) -> Outcome:
     path, src = write_source(pair, directory)
     dst = pair.target_model()
     ref = reference_for(pair)(pair, src, dst)
-    ref_rel = prove(pair, src, ref)
+    ref_rel = prove(pair, src, ref, dst)
     t0 = time.perf_counter()
     try:
         d = keydiff.diff(pair.target, str(path), **pair.target_kwargs)
@@ -421,6 +421,7 @@ def evaluate(pair: Pair, directory: Any) -> Outcome:
     judged = tuple(check_entries(d, ref))
     rel, error = None, ""
     if d.ok:
+        dst = pair.target_model()
         try:
             dst.load_state_dict(d.apply(), strict=True)
             rel = max_rel_diff(pair, src, dst)

@@ -1,6 +1,7 @@
 """The corpus of real pairs (issue 3): each solved end to end through the CLI, outputs matching the source model.
 
-Also measures mapping precision: entries proposed vs entries that a trace of the two models confirms."""
+Issue 10 adds UNSEEN_PAIRS (architectures the engine was never tuned for) with proven references
+(tests/reference.py), and judges keydiff entry by entry: every applied entry must equal the reference tensor."""
 
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def built(tmp_path_factory):
     def build(pair: Pair):
         if pair.name not in cache:
             path, src = write_source(pair, tmp_path_factory.mktemp(pair.name))
-            cache[pair.name] = path, src, reference_for(pair)(pair, src, pair.target_model())
+            dst = pair.target_model()
+            cache[pair.name] = path, src, reference_for(pair)(pair, src, dst), dst
         return cache[pair.name]
 
     return build
@@ -138,8 +140,8 @@ def built(tmp_path_factory):
 
 @pytest.mark.parametrize("pair", UNSEEN_PAIRS, ids=lambda p: p.name)
 def test_reference_is_proven(pair: Pair, built):
-    _, src, ref = built(pair)
-    rel = prove(pair, src, ref)
+    _, src, ref, dst = built(pair)
+    rel = prove(pair, src, ref, dst)
     if pair.negative:
         assert ref  # the shared part: prove() checked that every tensor fits a target key
     else:
@@ -157,14 +159,14 @@ FULL_SIZE = ("tv_swin_t", "tv_convnext_tiny_pth", "tv_resnet50", "tv_efficientne
 def test_old_corpus_reference_is_proven(pair: Pair):
     """The benchmark's references for the old corpus: the trace, the names (timm under a wrapper), or keydiff's own
     tensors, each only a reference because the target then reproduces the source (see reference.engine)."""
-    src = randomise(pair.source())
-    rel = prove(pair, src, reference_for(pair)(pair, src, pair.target_model()))
+    src, dst = randomise(pair.source()), pair.target_model()
+    rel = prove(pair, src, reference_for(pair)(pair, src, dst), dst)
     assert pair.negative or rel < 1e-4
 
 
 @pytest.mark.parametrize("pair", _marked(UNSEEN_PAIRS, FAILS_CLI))
 def test_unseen_pair_through_the_cli(pair: Pair, built, tmp_path, capsys):
-    path, src, _ = built(pair)
+    path, src, _, _ = built(pair)
     out = tmp_path / "out.safetensors"
     code = main([pair.target, str(path), *pair.model_args(), "-o", str(out), "-q"])
     if pair.negative:
@@ -181,7 +183,7 @@ def test_unseen_pair_through_the_cli(pair: Pair, built, tmp_path, capsys):
 def test_unseen_applied_entries_are_right(pair: Pair, built):
     import keydiff
 
-    path, _, ref = built(pair)
+    path, _, ref, _ = built(pair)
     d = keydiff.diff(pair.target, str(path), **pair.target_kwargs)
     wrong = [describe(j) for j in check_entries(d, ref) if j.applied and not j.right]
     assert not wrong, "\n".join(wrong)
@@ -192,7 +194,7 @@ def test_entry_check_catches_a_wrong_entry(built):
     import keydiff
 
     pair = next(p for p in UNSEEN_PAIRS if p.name == "hf_mobilenet_v1")
-    path, _, ref = built(pair)
+    path, _, ref, _ = built(pair)
     d = keydiff.diff(pair.target, str(path), **pair.target_kwargs)
     assert all(j.right for j in check_entries(d, ref))
     e = d.mapping.entries[1]  # bn1.weight
@@ -204,7 +206,7 @@ def test_entry_check_catches_a_wrong_entry(built):
 def test_a_wrong_reference_is_not_proven(built):
     """The proof is sensitive: with every tensor random, k and v swapped inside a fused qkv change the output."""
     pair = next(p for p in UNSEEN_PAIRS if p.name == "hf_beit")
-    _, src, ref = built(pair)
+    _, src, ref, _ = built(pair)
     qkv = ref["blocks.0.attn.qkv.weight"]
     swapped = dict(ref, **{"blocks.0.attn.qkv.weight": torch.cat([qkv[:32], qkv[64:], qkv[32:64]])})
     assert prove(pair, src, swapped) > 1e-3
