@@ -99,15 +99,10 @@ FAILS_CLI = {
                      "take layer 0/1's self-attention q and k+v (conf 0.75 order); blocks.0/1 qkv stay unresolved",
     "hf_swinv2": "exit 1: qkv.weight, q_bias, v_bias of the 3 blocks stay unresolved (separate q/k/v, no k bias)",
     "openclip_whole_clip": "exit 1: head.weight (visual.proj transposed) and head.bias (zero) stay unresolved",
-    "timm_vit_depth4_as_2": "exit 0: blocks 2 and 3 of the checkpoint are left unused and the shallower model is "
-                            "reported complete (it loads strictly and computes something else)",
-    "tv_resnet34_as_18": "exit 2: CheckpointError, 'layer4.2.' is taken for a wrapper prefix (removing it gives two "
-                         "tensors the name bn1.num_batches_tracked)",
 }
 FAILS_ENTRIES = {
     "hf_efficientnet_b0": SWAPPED_BN,
     "hf_siglip_map": FAILS_CLI["hf_siglip_map"],
-    "tv_resnet34_as_18": FAILS_CLI["tv_resnet34_as_18"],
 }
 
 
