@@ -85,14 +85,7 @@ def test_shallower_checkpoint_fills_only_same_index_blocks(tmp_path):
 # by entry. The xfail marks record how each pair fails on today's engine (strict: a fix shows as XPASS; then remove
 # the mark).
 
-SWAPPED_BN = ("keydiff applies 120 wrong entries: in each of the 15 inverted-residual blocks, the expansion's norm "
-              "(bn1) and the depthwise conv's norm (bn2), same shape, are swapped (depthwise_norm -> bn1 at conf 0.67, "
-              "cluster, 'the only shape-compatible pair'; expand_bn -> bn2 at conf 0.62, order)")
 FAILS_CLI = {
-    "hf_efficientnet_b0": "exit 0, a complete mapping that loads and computes something else: " + SWAPPED_BN,
-    "hf_mobilenet_v2": "exit 1: bn1 and bn2 of all 16 inverted-residual blocks (160 keys) are proposed at conf 0.35 "
-                       "(order, 'ambiguous: a same-shaped neighbour could take its place'), below the threshold; "
-                       "in blocks.1.0 and blocks.6.0 the proposal swaps them",
     "hf_beit": "exit 1: qkv.weight, q_bias, v_bias stay unresolved (separate q/k/v with no k bias)",
     "hf_data2vec_vision": "exit 1: qkv.weight, q_bias, v_bias stay unresolved (separate q/k/v with no k bias)",
     "hf_siglip_map": "exit 1: the head's in_proj_weight goes to blocks.1.attn.qkv (conf 0.78 order), attn_pool.q/kv "
@@ -101,7 +94,6 @@ FAILS_CLI = {
     "openclip_whole_clip": "exit 1: head.weight (visual.proj transposed) and head.bias (zero) stay unresolved",
 }
 FAILS_ENTRIES = {
-    "hf_efficientnet_b0": SWAPPED_BN,
     "hf_siglip_map": FAILS_CLI["hf_siglip_map"],
 }
 
