@@ -28,6 +28,11 @@ class Pair:
     fmt: str = "safetensors"
     wrap: Callable[[dict], Any] | None = None
     tags: tuple[str, ...] = field(default=())
+    negative: bool = False
+    """True when no complete correct mapping exists (a depth mismatch): the pair must end unresolved (exit 1)."""
+    reference: Callable[[Pair, nn.Module, nn.Module], dict[str, torch.Tensor]] | None = None
+    """``(pair, source model, target model) -> {target key: tensor}``, the correct converted tensors (for a negative
+    pair, those of the part with a counterpart); None: the plain trace (``reference.trace_reference``)."""
 
     def model_args(self) -> list[str]:
         """``-m KEY=VALUE`` arguments for the CLI."""
@@ -40,11 +45,15 @@ class Pair:
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Distinct random values in every float tensor, so that a swapped norm or a wrong q/k/v order shows."""
+    """Distinct random values in every float tensor, so that a swapped norm or a wrong q/k/v order shows.
+
+    Only the tensors of the state dict: a non-persistent buffer is derived, not a weight (Swin V2's
+    ``relative_coords_table``), and the target rebuilds its own."""
     g = torch.Generator().manual_seed(seed)
+    stored = set(model.state_dict())
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if not t.is_floating_point():
+            if not t.is_floating_point() or name not in stored:
                 continue
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
@@ -328,3 +337,95 @@ class PlainViT(nn.Module):
 def plain_vit(act: str = "gelu", **kwargs: Any) -> nn.Module:
     """The ``package.module:callable`` for ``--source pairs:plain_vit`` (``-s depth=12`` and so on)."""
     return PlainViT(act, **kwargs)
+
+
+# --- issue 10: architectures the engine was never tuned for -------------------------------------------------------
+# Each pair's reference (``reference``: the correct converted tensors) is proven in tests/test_corpus.py. Negative
+# pairs (a depth mismatch) have no complete correct mapping: they must end unresolved, every applied entry right.
+
+def hf_with_pooler(config: str, model: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        return getattr(transformers, model)(getattr(transformers, config)(**kwargs), add_pooling_layer=True)
+
+    return build
+
+
+def open_clip_whole() -> nn.Module:
+    from open_clip.model import CLIP
+
+    return CLIP(16, dict(image_size=32, patch_size=8, width=32, layers=2, head_width=8, mlp_ratio=2.0),
+                dict(context_length=8, vocab_size=50, width=32, heads=4, layers=1))
+
+
+def torchvision_resnet(name: str) -> Callable[[], nn.Module]:
+    return tv(name, num_classes=6)
+
+
+def _refs() -> Any:
+    import reference
+
+    return reference
+
+
+def ref(name: str) -> Callable[[Pair, nn.Module, nn.Module], dict[str, torch.Tensor]]:
+    """A reference function of tests/reference.py by name (imported late: reference.py imports this module)."""
+    return lambda pair, src, dst: getattr(_refs(), name)(pair, src, dst)
+
+
+HF_BEIT = dict(HF_VIT, use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1,
+               layer_norm_eps=1e-6)
+BEIT = dict(embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, img_size=32, patch_size=8, num_classes=0)
+SIGLIP = dict(VIT, global_pool="map")
+VIT4 = dict(VIT, depth=4)
+RESNET = dict(num_classes=6)
+
+UNSEEN_PAIRS = [
+    # heterogeneous blocks: a depthwise-separable first block, then inverted residuals with squeeze-excite;
+    # transformers pads the TF way, which timm's efficientnet_b0 does with pad_type='same'
+    Pair("hf_efficientnet_b0", hf("EfficientNetConfig", "EfficientNetModel", width_coefficient=1.0,
+                                  depth_coefficient=1.0, hidden_dim=1280, image_size=64, batch_norm_eps=1e-5),
+         "efficientnet_b0", dict(num_classes=0, pad_type="same"), hidden, tokens, input_shape=(2, 3, 64, 64)),
+    # flat layer.{0..15} into nested blocks.{S}.{B}; the stem's 3x3 depthwise + 1x1 are the target's blocks.0.0
+    Pair("hf_mobilenet_v2", hf("MobileNetV2Config", "MobileNetV2Model", tf_padding=False, layer_norm_eps=1e-5,
+                               image_size=64), "mobilenetv2_100", dict(num_classes=0), hidden, tokens,
+         input_shape=(2, 3, 64, 64)),
+    Pair("hf_mobilenet_v1", hf("MobileNetV1Config", "MobileNetV1Model", tf_padding=False, layer_norm_eps=1e-5,
+                               image_size=64), "mobilenetv1_100", dict(num_classes=0), hidden, tokens,
+         input_shape=(2, 3, 64, 64)),
+    # partial biases beside a fused weight: q_bias and v_bias, no k bias, one qkv.weight
+    Pair("hf_beit", hf_with_pooler("BeitConfig", "BeitModel", **HF_BEIT), "beit_base_patch16_224", BEIT, hf_pooled,
+         pooled, reference=ref("beit")),
+    Pair("hf_data2vec_vision", hf_with_pooler("Data2VecVisionConfig", "Data2VecVisionModel", **HF_BEIT),
+         "beit_base_patch16_224", BEIT, hf_pooled, pooled, reference=ref("data2vec_vision")),
+    # an uneven split: the pooling head's in_proj [3D, D] is q [D] + kv [2D]
+    Pair("hf_siglip_map", hf("SiglipVisionConfig", "SiglipVisionModel", hidden_act="gelu", **HF_VIT),
+         "vit_base_patch16_siglip_224", SIGLIP, hf_pooled, pooled, reference=ref("siglip")),
+    # separate key/value into kv, spatial-reduction attention, a depthwise conv inside the MLP
+    Pair("hf_pvt_v2", hf("PvtV2Config", "PvtV2Model", hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1],
+                         num_attention_heads=[1, 2, 2, 4], image_size=64), "pvt_v2_b0",
+         dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), num_classes=0), hidden,
+         tokens, input_shape=(2, 3, 64, 64), reference=ref("pvt_v2")),
+    # one tower of a whole two-tower checkpoint; visual.proj [width, out] is head.weight transposed, head.bias zero
+    Pair("openclip_whole_clip", open_clip_whole, "vit_base_patch16_clip_224",
+         dict(VIT, pre_norm=True, global_pool="token", num_classes=16), lambda m, x: m.encode_image(x), logits,
+         reference=ref("open_clip_image_tower")),
+    # depth mismatches both ways: no complete correct mapping; blocks of equal index are the shared part
+    Pair("timm_vit_depth4_as_2", timm_source("vit_base_patch16_224", **VIT4), "vit_base_patch16_224", VIT, tokens,
+         tokens, negative=True, reference=ref("shared")),
+    Pair("timm_vit_depth2_as_4", timm_source("vit_base_patch16_224", **VIT), "vit_base_patch16_224", VIT4, tokens,
+         tokens, negative=True, reference=ref("shared")),
+    Pair("tv_resnet34_as_18", torchvision_resnet("resnet34"), "resnet18", RESNET, logits, logits,
+         input_shape=(2, 3, 64, 64), negative=True, reference=ref("shared")),
+    Pair("timm_resnet18_as_34", timm_source("resnet18", **RESNET), "resnet34", RESNET, logits, logits,
+         input_shape=(2, 3, 64, 64), negative=True, reference=ref("shared")),
+]
+
+UNSEEN_PAIRS.append(
+    # Swin V2: partial biases beside a fused weight again, and the patch merging moves to the next stage
+    Pair("hf_swinv2", hf("Swinv2Config", "Swinv2Model", image_size=64, patch_size=4, embed_dim=16, depths=[1, 2],
+                         num_heads=[1, 2], window_size=4), "swinv2_tiny_window8_256",
+         dict(img_size=64, embed_dim=16, depths=(1, 2), num_heads=(1, 2), window_size=4, num_classes=0), hf_pooled,
+         pooled, input_shape=(2, 3, 64, 64), reference=ref("swinv2")),
+)
