@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from rapidfuzz import fuzz
@@ -148,23 +148,71 @@ def _last_token(unit: Unit) -> str:
     return tokens[-1] if tokens else ""
 
 
-def _fuse(units: list[Unit], fused: str, parts: tuple[str, ...]) -> list[Unit]:
-    """Replace each complete set of sibling part units (q, k, v) by one virtual unit that concatenates them."""
+_EXPANSIONS = {fused: parts for fused, parts in FUSIONS}
+
+
+def _tiling(found: dict[str, Unit], fused: str, parts: tuple[str, ...]) -> list[Unit] | None:
+    """Sibling units whose parts, in the order the names give, are exactly ``parts``: ``q, k, v`` or ``q, kv`` for
+    ``qkv``; None when they are not (a part missing or held twice)."""
+    members = sorted((u for t, u in found.items() if t != fused),
+                     key=lambda u: parts.index(_EXPANSIONS.get(_last_token(u), (_last_token(u),))[0]))
+    laid = [p for u in members for p in _EXPANSIONS.get(_last_token(u), (_last_token(u),))]
+    return members if len(members) >= 2 and tuple(laid) == parts else None
+
+
+def _part_tokens(fused: str, parts: tuple[str, ...]) -> set[str]:
+    """The tokens that can stand for some of ``parts``: the parts themselves and smaller fusions of them (``kv``)."""
+    known = [*((p, (p,)) for p in parts), *_EXPANSIONS.items()]
+    return {t for t, exp in known if t != fused and set(exp) <= set(parts)}
+
+
+def _siblings(units: list[Unit], tokens: set[str]) -> dict[str, dict[str, Unit]]:
     by_parent: dict[str, dict[str, Unit]] = defaultdict(dict)
     for u in units:
         last = _last_token(u)
-        if last in parts:
+        if last in tokens:
             by_parent[u.path.rpartition(".")[0]][last] = u
+    return by_parent
+
+
+def _repeated(unit: Unit) -> bool:
+    """Whether a unit sits in a repeated container (its template has an index slot): the blocks, not the head."""
+    return SLOT in unit.template
+
+
+def _fusion_sites(units: list[Unit], fused: str, parts: tuple[str, ...]) -> tuple[set[bool], set[bool]]:
+    """Where a side keeps ``fused`` whole and where it keeps its parts apart, as two sets of ``_repeated`` values."""
+    whole = {_repeated(u) for u in units if _last_token(u) == fused}
+    apart = {_repeated(next(iter(found.values())))
+             for found in _siblings(units, _part_tokens(fused, parts)).values() if _tiling(found, fused, parts)}
+    return whole, apart
+
+
+def _fuse(units: list[Unit], fused: str, parts: tuple[str, ...], repeated: bool) -> list[Unit]:
+    """Replace each set of sibling units that tile ``parts`` (q, k, v; or q, kv) by one virtual unit concatenating
+    the tensors they all hold; only in repeated containers, or only outside them.
+
+    Parts may hold different tensors: q and v with a bias, k without (BEiT). The tensors every part has (the
+    weights) are fused; the others stay behind as units of their own (``query`` holding its bias), which the
+    other side's per-part tensors (``q_bias``) pair with by name.
+    """
     consumed: set[str] = set()
-    virtual: list[Unit] = []
-    for parent, found in by_parent.items():
-        if set(found) != set(parts):
+    made: list[Unit] = []
+    for parent, found in _siblings(units, _part_tokens(fused, parts)).items():
+        members = _tiling(found, fused, parts)
+        if members is None or _repeated(members[0]) != repeated:
             continue
-        members = [found[p] for p in parts]
-        names = {tuple(lf.name for lf in m.leaves) for m in members}
-        trailing = {tuple(lf.shape[2:] if m.stack else lf.shape[1:] for lf in m.leaves) for m in members}
-        if len(names) != 1 or len(trailing) != 1 or any(not lf.shape for m in members for lf in m.leaves):
+        common = set.intersection(*({lf.name for lf in m.leaves} for m in members))
+        pieces = [tuple(lf for lf in m.leaves if lf.name in common) for m in members]
+        trailing = {tuple(lf.shape[2:] if m.stack else lf.shape[1:] for lf in ls)
+                    for m, ls in zip(members, pieces, strict=True)}
+        if not common or len(trailing) != 1 or any(not lf.shape for ls in pieces for lf in ls):
             continue
+        # what only some parts hold (q and v biases) stays behind, as a unit of that part's own
+        made.extend(replace(m, leaves=tuple(lf for lf in m.leaves if lf.name not in common))
+                    for m, ls in zip(members, pieces, strict=True) if len(ls) < len(m.leaves))
+        consumed.update(m.path for m in members)
+        members = [replace(m, leaves=ls) for m, ls in zip(members, pieces, strict=True)]
         stack = members[0].stack
         if stack:
             # stacked parts concatenate inside each expert: keys interleave expert by expert (g0, u0, g1, u1...)
@@ -181,11 +229,10 @@ def _fuse(units: list[Unit], fused: str, parts: tuple[str, ...]) -> list[Unit]:
             )
         tpl = members[0].template.rpartition(".")[0] + "." + fused
         path = f"{parent}.{{{','.join(m.path.rpartition('.')[2] for m in members)}}}"
-        virtual.append(Unit(path=path, leaves=leaves, template=tpl, indices=members[0].indices,
-                            position=min(m.position for m in members), parts=tuple(members), stack=stack))
-        consumed.update(m.path for m in members)
+        made.append(Unit(path=path, leaves=leaves, template=tpl, indices=members[0].indices,
+                         position=min(m.position for m in members), parts=tuple(members), stack=stack))
     kept = [u for u in units if u.path not in consumed]
-    return sorted(kept + virtual, key=lambda u: u.position)
+    return sorted(kept + made, key=lambda u: u.position)
 
 
 def _expert_split(path: str) -> tuple[str, int, str] | None:
@@ -242,15 +289,19 @@ def apply_stacking(src: list[Unit], dst: list[Unit]) -> tuple[list[Unit], list[U
 
 
 def apply_fusions(src: list[Unit], dst: list[Unit]) -> tuple[list[Unit], list[Unit]]:
-    """Fuse separate parts on whichever side keeps them separate while the other side keeps them fused."""
+    """Fuse separate parts on whichever side keeps them separate while the other side keeps them fused.
+
+    Decided apart for repeated containers (the blocks) and for the rest (a pooling head): an encoder may keep q, k
+    and v apart while its attention-pooling head holds one ``in_proj``, and the other library the reverse.
+    """
     for fused, parts in FUSIONS:
-        src_last = {_last_token(u) for u in src}
-        dst_last = {_last_token(u) for u in dst}
-        wanted = set(parts)
-        if fused in dst_last and fused not in src_last and wanted <= src_last and not wanted & dst_last:
-            src = _fuse(src, fused, parts)
-        elif fused in src_last and fused not in dst_last and wanted <= dst_last and not wanted & src_last:
-            dst = _fuse(dst, fused, parts)
+        src_whole, src_apart = _fusion_sites(src, fused, parts)
+        dst_whole, dst_apart = _fusion_sites(dst, fused, parts)
+        for repeated in (True, False):
+            if repeated in dst_whole - src_whole and repeated in src_apart - dst_apart:
+                src = _fuse(src, fused, parts, repeated)
+            elif repeated in src_whole - dst_whole and repeated in dst_apart - src_apart:
+                dst = _fuse(dst, fused, parts, repeated)
     return src, dst
 
 

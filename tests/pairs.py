@@ -278,3 +278,22 @@ CORPUS_PAIRS = [
          dict(layers=[1, 1, 1, 1], num_classes=3), logits, logits, input_shape=(2, 3, 64, 64), fmt="pth",
          wrap=ema_wrap),
 ]
+
+
+# --- issue 10: parts that differ, uneven splits, one tower of a multi-tower checkpoint ---------------------------
+
+HF_BEIT = dict(HF_VIT, use_relative_position_bias=True, use_absolute_position_embeddings=False,
+               use_mean_pooling=True, layer_scale_init_value=0.1, layer_norm_eps=1e-6)
+BEIT = dict(VIT)
+
+def hf_data2vec_vision() -> nn.Module:
+    from transformers import Data2VecVisionConfig, Data2VecVisionModel
+
+    return Data2VecVisionModel(Data2VecVisionConfig(**HF_BEIT), add_pooling_layer=True)
+
+
+ISSUE10_PAIRS = [
+    # q and v carry a bias, k does not: the weights fuse into qkv, the biases pair with q_bias / v_bias by name
+    Pair("hf_beit", hf("BeitConfig", "BeitModel", **HF_BEIT), "beit_base_patch16_224", BEIT, hf_pooled, pooled),
+    Pair("hf_data2vec_vision", hf_data2vec_vision, "beit_base_patch16_224", BEIT, hf_pooled, pooled),
+]
