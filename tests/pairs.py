@@ -296,4 +296,7 @@ ISSUE10_PAIRS = [
     # q and v carry a bias, k does not: the weights fuse into qkv, the biases pair with q_bias / v_bias by name
     Pair("hf_beit", hf("BeitConfig", "BeitModel", **HF_BEIT), "beit_base_patch16_224", BEIT, hf_pooled, pooled),
     Pair("hf_data2vec_vision", hf_data2vec_vision, "beit_base_patch16_224", BEIT, hf_pooled, pooled),
+    # the attention-pooling head's in_proj [3D, D] splits unevenly into timm's q [D, D] and kv [2D, D]
+    Pair("hf_siglip_map_head", hf("SiglipVisionConfig", "SiglipVisionModel", layer_norm_eps=1e-6, **HF_VIT),
+         "vit_base_patch16_siglip_224", dict(VIT, global_pool="map", act_layer="gelu_tanh"), hf_pooled, pooled),
 ]

@@ -58,3 +58,46 @@ def test_beit_partial_biases_fuse_the_weights_and_rename_the_biases(tmp_path, ca
                                                                  "index": 1}
     assert entries["layers.0.attention.q_proj.bias"]["source"] == ["blocks.0.attn.q_bias"]
     assert entries["layers.0.attention.v_proj.bias"]["source"] == ["blocks.0.attn.v_bias"]
+
+
+@pytest.mark.parametrize("text_width", [32, 24], ids=["text-as-wide", "text-narrower"])
+def test_one_tower_of_a_whole_clip_checkpoint(text_width, tmp_path, capsys):
+    """A whole open_clip CLIP state dict into timm's CLIP ViT: the vision tower is used, the text tower is reported
+    as another tower (even when it is as wide, so its blocks would tie), and ``visual.proj`` (``x @ proj``) becomes
+    the transposed head weight beside a head bias made as zeros, said in the report, the JSON and the code."""
+    import timm
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    src = randomise(CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=8, mlp_ratio=2.0,
+                                                                patch_size=8, image_size=32),
+                         text_cfg=CLIPTextCfg(context_length=8, vocab_size=50, width=text_width, heads=4, layers=2)))
+    path = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    kwargs = dict(VIT, num_classes=16, pre_norm=True)
+    args = [a for k, v in kwargs.items() for a in ("-m", f"{k}={v!r}")]
+    out, mapping, code_path = tmp_path / "out.safetensors", tmp_path / "map.json", tmp_path / "filter.py"
+    code, report = _convert(["vit_base_patch16_clip_224", str(path), *args, "--json", str(mapping), "-o", str(out),
+                             "--emit-python", str(code_path)], capsys)
+    assert code == 0, report
+    assert "head.bias has no tensor in the checkpoint: made as zeros beside visual.proj" in report
+    dst = timm.create_model("vit_base_patch16_clip_224", **kwargs).eval()
+    dst.load_state_dict(load_file(str(out)), strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = src.eval().encode_image(x), dst(x)
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
+    doc = json.loads(mapping.read_text())
+    entries = {e["target"]: e for e in doc["entries"]}
+    assert entries["head.weight"]["source"] == ["visual.proj"] and entries["head.weight"]["op"]["kind"] == "transpose"
+    assert entries["head.bias"]["source"] == [] and entries["head.bias"]["op"]["kind"] == "zeros"
+    assert "bare matrix" in entries["head.bias"]["evidence"]["note"]
+    assert all(k.startswith("visual.") for e in doc["entries"] for k in e["source"])
+    reasons = {u["key"]: u["reason"] for u in doc["unused"]}
+    assert reasons["transformer.resblocks.0.ln_1.weight"] == (
+        "another tower: `transformer.*` is outside `visual.`, which the model matches")
+    assert set(reasons) == {k for k in src.state_dict() if not k.startswith("visual.")}
+    ns: dict = {}
+    exec(code_path.read_text(), ns)
+    sd = ns["checkpoint_filter_fn"](load_file(str(path)))
+    dst.load_state_dict({k: v for k, v in sd.items() if k in dst.state_dict()}, strict=True)
+    assert torch.equal(sd["head.bias"], torch.zeros(16))
