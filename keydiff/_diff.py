@@ -410,36 +410,40 @@ def _one_tower(found: tuple[list[Entry], list[str]], checkpoint: KeySet, model: 
     ``token_embedding``...). When most of the model's matched keys come from one subtree, and from more than one
     part of the model there (not only its blocks: a tower, not an encoder), tensors outside it are implausible
     for the rest: a text block of the same width would tie with a vision block, a text projection with the
-    visual one. The subtree's match is kept only when it fills at least every model key the open match filled,
-    so a checkpoint whose head lives beside its backbone (``backbone.*`` + ``head.*``) keeps its head.
+    visual one. An open match that filled every model key stands (the subtree is named only if it used nothing
+    outside); else the subtree's match is kept when it fills at least every model key the open match filled, so
+    a checkpoint whose head lives beside its backbone (``backbone.*`` + ``head.*``) keeps its head.
 
     Returns:
-        The match to use, and the subtree (``""`` when the open match stands).
+        The match to use, and the subtree (``""`` when there is none).
     """
     entries = found[0]
+    sourced = [e for e in entries if e.source]  # a tensor made as zeros comes from no subtree
     tops: dict[str, list[Entry]] = defaultdict(list)
-    for e in entries:
+    for e in sourced:
         sources = {_top(to_model[k]) for k in e.source}
-        if len(sources) == 1:
-            tops[next(iter(sources))].append(e)
-    tops.pop("", None)
-    if not tops:
-        return found, ""
-    tower, inside = max(tops.items(), key=lambda kv: (len(kv[1]), kv[0]))
-    if 2 * len(inside) < len(entries) or len({_top(e.target) or e.target for e in inside}) < 2:
+        tops[sources.pop() if len(sources) == 1 else ""].append(e)
+    tower, inside = max(((t, es) for t, es in tops.items() if t), key=lambda te: (len(te[1]), te[0]),
+                        default=("", []))
+    if 2 * len(inside) < len(sourced) or len({_top(e.target) or e.target for e in inside}) < 2:
         return found, ""
     within = [k for k in src_rest if _top(k) == tower]
     if len(within) == len(src_rest):
         return found, ""
-    again = _match(checkpoint, model, within, dst_rest, to_raw)
 
     def filled(es: list[Entry]) -> int:
         return sum(e.confidence >= min_confidence for e in es)
 
-    if filled(again[0]) < filled(entries):
-        return found, ""
     note = (f"the model is one tower of this checkpoint: it matches inside `{tower}.`; the "
             f"{len(src_rest) - len(within)} tensors outside it were not considered")
+    if filled(entries) == len(dst_rest):
+        # nothing left to find: the subtree is named only when the open match took nothing from outside it
+        if len(inside) < len(sourced):
+            return found, ""
+        return (found[0], [*found[1], note]), tower
+    again = _match(checkpoint, model, within, dst_rest, to_raw)
+    if filled(again[0]) < filled(entries):
+        return found, ""
     return (again[0], [*again[1], note]), tower
 
 

@@ -101,3 +101,32 @@ def test_one_tower_of_a_whole_clip_checkpoint(text_width, tmp_path, capsys):
     sd = ns["checkpoint_filter_fn"](load_file(str(path)))
     dst.load_state_dict({k: v for k, v in sd.items() if k in dst.state_dict()}, strict=True)
     assert torch.equal(sd["head.bias"], torch.zeros(16))
+
+
+def test_siglip_both_ways_at_once_split_blocks_and_concat_the_head(tmp_path, capsys):
+    """timm SigLIP into transformers: the blocks' qkv splits into q/k/v while the pooling head's q and kv
+    concatenate into one in_proj, in the same diff (fusion is decided apart for blocks and the rest)."""
+    import timm
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    kwargs = dict(VIT, global_pool="map", act_layer="gelu_tanh")
+    src = randomise(timm.create_model("vit_base_patch16_siglip_224", **kwargs))
+    path = tmp_path / "timm_siglip.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+                  patch_size=8, layer_norm_eps=1e-6)
+    out, mapping = tmp_path / "hf.safetensors", tmp_path / "map.json"
+    args = [a for k, v in config.items() for a in ("-m", f"{k}={v!r}")]
+    code, report = _convert(["transformers:SiglipVisionModel", str(path), *args, "--json", str(mapping),
+                             "-o", str(out)], capsys)
+    assert code == 0, report
+    dst = SiglipVisionModel(SiglipVisionConfig(**config)).eval()
+    dst.load_state_dict(load_file(str(out)), strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = src.eval().forward_head(src.forward_features(x), pre_logits=True), dst(pixel_values=x).pooler_output
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
+    entries = {e["target"]: e for e in json.loads(mapping.read_text())["entries"]}
+    assert entries["head.attention.in_proj_weight"]["source"] == ["attn_pool.q.weight", "attn_pool.kv.weight"]
+    assert entries["head.attention.in_proj_weight"]["op"] == {"kind": "concat", "dim": 0, "sizes": [32, 64]}
+    assert entries["encoder.layers.0.self_attn.k_proj.weight"]["op"]["kind"] == "split"
