@@ -42,9 +42,10 @@ class Pair:
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     """Distinct random values in every float tensor, so that a swapped norm or a wrong q/k/v order shows."""
     g = torch.Generator().manual_seed(seed)
+    saved = set(model.state_dict())  # a non-persistent buffer (Swin V2's coordinates table) is the code's, not data
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if not t.is_floating_point():
+            if not t.is_floating_point() or name not in saved:
                 continue
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
@@ -296,6 +297,10 @@ ISSUE10_PAIRS = [
     # q and v carry a bias, k does not: the weights fuse into qkv, the biases pair with q_bias / v_bias by name
     Pair("hf_beit", hf("BeitConfig", "BeitModel", **HF_BEIT), "beit_base_patch16_224", BEIT, hf_pooled, pooled),
     Pair("hf_data2vec_vision", hf_data2vec_vision, "beit_base_patch16_224", BEIT, hf_pooled, pooled),
+    Pair("hf_swinv2", hf("Swinv2Config", "Swinv2Model", image_size=64, patch_size=4, embed_dim=16, depths=[1, 2],
+                         num_heads=[1, 2], window_size=4), "swinv2_tiny_window8_256",
+         dict(img_size=64, patch_size=4, embed_dim=16, depths=(1, 2), num_heads=(1, 2), window_size=4, num_classes=0),
+         hf_pooled, pooled, input_shape=(2, 3, 64, 64)),
     # the attention-pooling head's in_proj [3D, D] splits unevenly into timm's q [D, D] and kv [2D, D]
     Pair("hf_siglip_map_head", hf("SiglipVisionConfig", "SiglipVisionModel", layer_norm_eps=1e-6, **HF_VIT),
          "vit_base_patch16_siglip_224", dict(VIT, global_pool="map", act_layer="gelu_tanh"), hf_pooled, pooled),
