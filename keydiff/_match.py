@@ -503,6 +503,7 @@ class _Blocks:
 
     def __init__(self, pairings: Sequence[Pairing]) -> None:
         self.blocks: tuple[set[str], set[str]] = (set(), set())
+        self._states: dict[tuple[int, int], str] = {}  # (id(unit), side) -> state: asked once per compatible pair
         for p in pairings:
             a, b = _blocks_of(p.source), _blocks_of(p.target)
             if a and b:
@@ -512,10 +513,13 @@ class _Blocks:
     def state(self, unit: Unit, side: int) -> str:
         """``inside`` a matched block, ``loose`` (repeated, in no matched block) or ``single`` (not repeated), for
         a unit of the checkpoint (side 0) or the model (side 1)."""
-        blocks = _blocks_of(unit)
-        if not blocks:
-            return self.SINGLE
-        return self.INSIDE if any(b in self.blocks[side] for b in blocks) else self.LOOSE
+        found = self._states.get((id(unit), side))
+        if found is None:
+            blocks = _blocks_of(unit)
+            found = self.SINGLE if not blocks else self.INSIDE if any(b in self.blocks[side] for b in blocks) \
+                else self.LOOSE
+            self._states[id(unit), side] = found
+        return found
 
     @classmethod
     def allowed(cls, a: str, b: str) -> bool:
