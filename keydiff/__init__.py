@@ -5,8 +5,9 @@
     >>> d                      # a report: rich in a terminal, HTML in Jupyter              # doctest: +SKIP
     >>> sd = d.apply()         # loads with model.load_state_dict(sd, strict=True)       # doctest: +SKIP
 
-Public names: ``diff``, ``compare_keys``, ``compare``, ``stats``, ``read_keys``, ``load_mapping``, ``Diff``,
-``ValueDiff``, ``KeyMap``, ``Entry``, ``Op``, ``KeySet``, ``TensorInfo``, ``KeydiffError``, ``InputError``.
+Public names: ``diff``, ``compare_keys``, ``compare``, ``stats``, ``read_keys``, ``load_mapping``, ``prove``,
+``Diff``, ``ValueDiff``, ``Proof``, ``KeyMap``, ``Entry``, ``Op``, ``KeySet``, ``TensorInfo``, ``KeydiffError``,
+``InputError``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from keydiff._mapping import Entry as Entry
 from keydiff._mapping import KeyMap as KeyMap
 from keydiff._mapping import load_mapping as load_mapping
 from keydiff._ops import Op as Op
+from keydiff._repair import Proof as Proof
+from keydiff._repair import prove as prove
 from keydiff._values import ValueDiff as ValueDiff
 from keydiff._values import compare as compare
 from keydiff._values import stats as stats
@@ -36,6 +39,7 @@ __all__ = [
     "KeySet",
     "KeydiffError",
     "Op",
+    "Proof",
     "TensorInfo",
     "ValueDiff",
     "__version__",
@@ -43,6 +47,7 @@ __all__ = [
     "compare_keys",
     "diff",
     "load_mapping",
+    "prove",
     "read_keys",
     "stats",
 ]
@@ -60,7 +65,7 @@ def read_keys(path: str, *, key: str | None = None, unsafe_pickle: bool = False)
     return read_checkpoint(path, key=key, unsafe_pickle=unsafe_pickle).keys
 
 
-for _obj in (Diff, Entry, InputError, KeyMap, KeySet, KeydiffError, Op, TensorInfo, ValueDiff, compare,
-             compare_keys, diff, load_mapping, read_keys, stats):
+for _obj in (Diff, Entry, InputError, KeyMap, KeySet, KeydiffError, Op, Proof, TensorInfo, ValueDiff, compare,
+             compare_keys, diff, load_mapping, prove, read_keys, stats):
     _obj.__module__ = "keydiff"
 del _obj

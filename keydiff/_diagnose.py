@@ -4,10 +4,11 @@ to re-initialise, a width or depth variant, a position embedding of another size
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from keydiff._account import Depth, depth_differences
 from keydiff._keys import KeySet
 from keydiff._mapping import KeyMap
 from keydiff._normalize import Prefix
@@ -32,9 +33,37 @@ def _is(key: str, canon: str) -> bool:
     return canon in name_tokens(key.rpartition(".")[0] if key.endswith((".weight", ".bias")) else key)
 
 
-def _width(keys: KeySet) -> int | None:
-    counts = Counter(info.shape[0] for info in keys.values() if len(info.shape) == 1)
+def _widths(keys: KeySet) -> set[int]:
+    """The sizes of 1-D tensors (norms, biases): a width variant changes the set, a depth variant does not."""
+    return {info.shape[0] for info in keys.values() if len(info.shape) == 1}
+
+
+def _most_common(keys: KeySet, among: set[int]) -> int | None:
+    counts = Counter(info.shape[0] for info in keys.values() if len(info.shape) == 1 and info.shape[0] in among)
     return counts.most_common(1)[0][0] if counts else None
+
+
+def _depth_diagnosis(depths: Sequence[Depth], hint: Callable[[list[int]], str | None] | None) -> Diagnosis:
+    """"the checkpoint has 4 blocks in `blocks`, the model 2: pass `-m depth=4`, or --partial ..."."""
+    ckpt, model = [len(d.checkpoint) for d in depths], [len(d.model) for d in depths]
+    if len(depths) == 1:
+        d = depths[0]
+        what = (f"the checkpoint has {ckpt[0]} blocks in `{d.container}` (`{d.container}.{{{_span(d.checkpoint)}}}`), "
+                f"the model {model[0]}")
+    else:
+        where = f"`{depths[0].container}`..`{depths[-1].container}`"
+        what = f"the checkpoint has {ckpt} blocks in {where}, the model {model}"
+    fix = hint(ckpt) if hint else None
+    deeper = all(c >= m for c, m in zip(ckpt, model, strict=True))
+    rest = ("--partial to keep the blocks the model has" if deeper else
+            "--partial to convert the blocks both have (the others stay unfilled)")
+    todo = f"pass `-m {fix}`, or {rest}" if fix else f"build the model with the checkpoint's depth, or {rest}"
+    return Diagnosis(kind="depth", level="warning", message=f"{what}: {todo}")
+
+
+def _span(ix: Sequence[int]) -> str:
+    return f"{ix[0]}..{ix[-1]}" if len(ix) > 1 and list(ix) == list(range(ix[0], ix[-1] + 1)) else \
+        ",".join(map(str, ix))
 
 
 def _depth(keys: Sequence[str]) -> tuple[str, int] | None:
@@ -55,8 +84,13 @@ def _depth(keys: Sequence[str]) -> tuple[str, int] | None:
 
 
 def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix, *, container: str,
-             alternatives: Sequence[str], non_tensor: Sequence[str], notes: Sequence[str]) -> tuple[Diagnosis, ...]:
-    """Every diagnosis the facts support, most important first."""
+             alternatives: Sequence[str], non_tensor: Sequence[str], notes: Sequence[str],
+             depth_hint: Callable[[list[int]], str | None] | None = None) -> tuple[Diagnosis, ...]:
+    """Every diagnosis the facts support, most important first.
+
+    ``depth_hint`` turns the checkpoint's block counts into the model argument that builds that depth
+    (``depth=4``), when the caller knows the model's spec.
+    """
     out: list[Diagnosis] = []
     filled = len(model) - len(mapping.missing)
     if len(model) and filled < 0.1 * len(model):
@@ -87,16 +121,24 @@ def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix,
     missing = {m.key: m.shape for m in mapping.missing}
     unused = {u.key: u.shape for u in mapping.unused}
     out.extend(_pos_embed(missing, unused))
-    if missing:
-        wm, wc = _width(model), _width(checkpoint)
-        if wm and wc and wm != wc:
-            out.append(Diagnosis(kind="width", level="warning", message=(
-                f"different variant: width {wc} in the checkpoint, {wm} in the model")))
-        dm, dc = _depth(list(model)), _depth([prefix.apply(k) for k in checkpoint])
+    names = [prefix.apply(k) for k in checkpoint]
+    depths = depth_differences(list(model), names)
+    if depths:
+        out.append(_depth_diagnosis(depths, depth_hint))
+    elif missing or mapping.unexplained:
+        dm, dc = _depth(list(model)), _depth(names)
         if dm and dc and dm[1] != dc[1]:
             out.append(Diagnosis(kind="depth", level="warning", message=(
                 f"the checkpoint has {dc[1]} {dc[0].rstrip('.{}') or 'blocks'} ({dc[0]}), "
                 f"the model {dm[1]} ({dm[0]})")))
+    if missing:
+        # a width cause only where sizes really differ: a deeper variant repeats the same sizes more often
+        wm, wc = _widths(model), _widths(checkpoint)
+        if wm and wc and wm != wc and not depths:
+            only_m, only_c = _most_common(model, wm - wc), _most_common(checkpoint, wc - wm)
+            if only_m and only_c:
+                out.append(Diagnosis(kind="width", level="warning", message=(
+                    f"different variant: width {only_c} in the checkpoint, {only_m} in the model")))
     out.extend(Diagnosis(kind="note", message=n) for n in notes)
     return tuple(out)
 

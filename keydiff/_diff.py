@@ -9,11 +9,12 @@ from __future__ import annotations
 import heapq
 import os
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
+from keydiff._account import account_unused
 from keydiff._diagnose import Diagnosis, diagnose
 from keydiff._fold import FOLD_MIN_KEYS, FOLD_MIN_SHARE, Folding, expand_entries, fold_keys
 from keydiff._keys import KeySet, natural_key
@@ -78,8 +79,22 @@ class Diff:
 
     @property
     def ok(self) -> bool:
-        """True when every model key is filled (the CLI's exit 0)."""
-        return self.mapping.complete
+        """True when every model key is filled and every unused checkpoint tensor has an expected reason (another
+        tower, a head the model lacks, training state, a buffer): the CLI's exit 0."""
+        return self.mapping.accounted
+
+    @property
+    def problem(self) -> str:
+        """Why ``ok`` is False, in a few words (empty when it is True)."""
+        parts = []
+        if self.mapping.missing:
+            parts.append(f"{len(self.mapping.missing)} model keys are unresolved")
+        unexplained = self.mapping.unexplained
+        if unexplained:
+            depth = sum(u.kind == "depth" for u in unexplained)
+            what = f" ({depth} in blocks the model does not have)" if depth else ""
+            parts.append(f"{len(unexplained)} checkpoint tensors are left unused without a reason{what}")
+        return " and ".join(parts)
 
     @property
     def exact(self) -> int:
@@ -129,11 +144,31 @@ class Diff:
         from keydiff._errors import MappingMismatch
 
         if not self.ok and not partial:
-            raise MappingMismatch(
-                f"{len(self.mapping.missing)} model keys are unresolved; apply(partial=True) converts the rest"
-            )
+            raise MappingMismatch(f"{self.problem}; apply(partial=True) converts the rest")
         needed = sorted({k for e in self.mapping.entries for k in e.source}, key=natural_key)
         return self.mapping.apply(dict(self.source.tensors(needed)))
+
+    def with_entries(self, entries: Iterable[Entry]) -> Diff:
+        """The same comparison with another applied set (what running the models proved): the mapping's rules and
+        leftovers and the diagnoses that depend on them are worked out again; proposals for keys ``entries`` leaves
+        empty stay as they were."""
+        prefix = Prefix(strip=self.mapping.unwrap.strip_prefix, add=self.mapping.unwrap.add_prefix)
+        order_of = {k: i for i, k in enumerate(self.model)}
+        applied = tuple(sorted(entries, key=lambda e: order_of[e.target]))
+        filled = {e.target for e in applied}
+        proposed = [*applied, *(e for e in self.proposals if e.target not in filled)]
+        named = {prefix.apply(raw): raw for raw in self.checkpoint}
+        mismatched = {k: self.checkpoint[named[k]].shape for k in self.model if k in named and k not in filled}
+        mapping = _keymap(self.model, self.checkpoint, applied, proposed, mismatched, prefix,
+                          self.mapping.unwrap.container, self.min_confidence)
+        # the prefix counts, the container choice and the matcher's notes are facts of reading, not of the mapping
+        kept = {k: [g for g in self.diagnoses if g.kind == k] for k in ("prefix", "container", "non_tensor", "note")}
+        fresh = [g for g in diagnose(self.model, self.checkpoint, mapping, prefix, container="", alternatives=(),
+                                     non_tensor=(), notes=()) if g.kind != "prefix"]
+        lead = [g for g in fresh if g.kind == "coverage"]
+        diagnoses = (*lead, *kept["prefix"], *kept["container"], *kept["non_tensor"],
+                     *(g for g in fresh if g.kind != "coverage"), *kept["note"])
+        return replace(self, mapping=mapping, proposals=tuple(proposed), diagnoses=diagnoses)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per key of both sides: ``side, key, shape, status, counterpart, op, confidence, cluster``."""
@@ -293,16 +328,31 @@ def diff(model: Any, checkpoint: Any, *, key: str | None = None, unsafe_pickle: 
             model_keys = background.result() or _model_side(model, model_args, unsafe_pickle)
         facts = dict(container=ckpt.container, alternatives=ckpt.alternatives, non_tensor=ckpt.non_tensor_keys)
         return compare_keys(model_keys, ckpt.keys, source=ckpt, min_confidence=min_confidence,
-                            checkpoint_format=ckpt.fmt, _folded_checkpoint=ahead, **facts)
+                            checkpoint_format=ckpt.fmt, _folded_checkpoint=ahead,
+                            depth_hint=_depth_hint(model, model_args), **facts)
     tensors = checkpoint.state_dict() if hasattr(checkpoint, "state_dict") else checkpoint
     return compare_keys(model_keys, keyset_of(tensors, origin="state dict"), source=_InMemory(tensors),
                         min_confidence=min_confidence, checkpoint_format="memory")
 
 
+def _depth_hint(model: Any, model_args: Mapping[str, Any]) -> Any:
+    """Block counts -> the model argument that builds that depth, for a model given by its spec."""
+    if not isinstance(model, str):
+        return None
+    from keydiff._sources import is_checkpoint_path
+
+    if is_checkpoint_path(model):
+        return None
+    from keydiff._model import depth_argument
+
+    return lambda counts: depth_argument(model, model_args, counts)
+
+
 def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
                  min_confidence: float = DEFAULT_MIN_CONFIDENCE, container: str = "",
                  alternatives: tuple[str, ...] = (), non_tensor: tuple[str, ...] = (),
-                 checkpoint_format: str = "", _folded_checkpoint: Folding | None = None) -> Diff:
+                 checkpoint_format: str = "", _folded_checkpoint: Folding | None = None,
+                 depth_hint: Any = None) -> Diff:
     """The engine: compare two key sets; no file is read."""
     prefix = find_prefix(list(checkpoint), model.keys(), checkpoint.origin)
     if prefix.strip or prefix.add:
@@ -351,7 +401,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     if tower:
         mapping = _other_towers(mapping, tower, to_model)
     diagnoses = diagnose(model, checkpoint, mapping, prefix, container=container, alternatives=alternatives,
-                         non_tensor=non_tensor, notes=notes)
+                         non_tensor=non_tensor, notes=notes, depth_hint=depth_hint)
     return Diff(model=model, checkpoint=checkpoint, mapping=mapping, proposals=tuple(entries), diagnoses=diagnoses,
                 min_confidence=min_confidence, checkpoint_format=checkpoint_format, source=source)
 
@@ -448,14 +498,15 @@ def _one_tower(found: tuple[list[Entry], list[str]], checkpoint: KeySet, model: 
 
 
 def _other_towers(mapping: KeyMap, tower: str, to_model: Mapping[str, str]) -> KeyMap:
-    """Unused checkpoint tensors outside the tower the model matched, with that as their reason."""
+    """Unused checkpoint tensors outside the tower the model matched, with that as their reason (an expected
+    leftover, kind ``tower``: single tensors such as ``logit_scale`` included)."""
     def reason(key: str) -> str:
         name = to_model.get(key, key)
         where = f"{_top(name)}.*" if _top(name) else name
         return f"another tower: `{where}` is outside `{tower}.`, which the model matches"
 
-    unused = tuple(replace(u, reason=reason(u.key)) if _top(to_model.get(u.key, u.key)) != tower else u
-                   for u in mapping.unused)
+    unused = tuple(replace(u, reason=reason(u.key), kind="tower") if _top(to_model.get(u.key, u.key)) != tower
+                   else u for u in mapping.unused)
     return replace(mapping, unused=unused)
 
 
@@ -572,8 +623,9 @@ def _keymap(model: KeySet, checkpoint: KeySet, applied: tuple[Entry, ...], propo
         cands = _candidates(k, shape, pool)
         if k in weak:
             e = weak[k]
+            why = f" ({e.evidence.note})" if e.evidence.note.startswith(("unproven", "ambiguous")) else ""
             reason = (f"proposed {', '.join(e.source)} with confidence {e.confidence:.2f}, below "
-                      f"--min-confidence {min_confidence}")
+                      f"--min-confidence {min_confidence}{why}")
         elif k in mismatched:
             reason = f"the checkpoint has this name with shape {list(mismatched[k])}, the model wants {list(shape)}"
         elif sum(c[1] for c in cands) >= 2:
@@ -587,20 +639,24 @@ def _keymap(model: KeySet, checkpoint: KeySet, applied: tuple[Entry, ...], propo
     # a few distinct shapes stand for thousands of missing keys: whether any fits is decided once per shape
     missing_shapes = list(dict.fromkeys(model[m].shape for m in missing_keys[:5000]))
     fits_any: dict[tuple[int, ...], bool] = {}
+    explained = account_unused(unused_keys, checkpoint, used, rename=prefix.apply, model=model)
     for k in unused_keys:
         shape = checkpoint[k].shape
         name = prefix.apply(k)
-        if shape not in fits_any:
-            fits_any[shape] = any(shape_relation(shape, s) for s in missing_shapes)
         if k in weak_src:
+            kind = "weak"
             reason = f"proposed for {weak_src[k].target} with confidence {weak_src[k].confidence:.2f}, not applied"
         elif name in model:
-            reason = f"the model's {name} has shape {list(model[name].shape)}, this has {list(shape)}"
-        elif not fits_any[shape]:
-            reason = "no counterpart in the model: no model key left with a compatible shape"
+            kind, reason = "shape", f"the model's {name} has shape {list(model[name].shape)}, this has {list(shape)}"
+        elif k in explained:
+            kind, reason = explained[k].kind, explained[k].reason
         else:
-            reason = "no counterpart in the model that names, shapes and order agree on"
-        unused.append(Leftover(key=k, shape=shape, reason=reason))
+            if shape not in fits_any:
+                fits_any[shape] = any(shape_relation(shape, s) for s in missing_shapes)
+            kind = "unexplained"
+            reason = ("no counterpart in the model that names, shapes and order agree on" if fits_any[shape] else
+                      "no model key left with a compatible shape, and nothing says why the model would not take it")
+        unused.append(Leftover(key=k, shape=shape, reason=reason, kind=kind))
     unwrap = Unwrap(container=container, strip_prefix=prefix.strip, add_prefix=prefix.add)
     return KeyMap(entries=applied, rules=compress_rules(applied), missing=tuple(missing), unused=tuple(unused),
                   unwrap=unwrap, model=model.origin, checkpoint=checkpoint.origin)

@@ -27,7 +27,7 @@ __all__ = ["SCHEMA", "VERSION", "Entry", "Evidence", "KeyMap", "Leftover", "Rule
 
 SCHEMA = "keydiff/mapping"
 VERSION = 1
-Method = Literal["exact", "prefix", "cluster", "order", "unique"]
+Method = Literal["exact", "prefix", "cluster", "order", "unique", "verified"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,7 +36,8 @@ class Evidence:
 
     method: str
     """``exact`` (same name), ``prefix`` (same name once a wrapper prefix is removed), ``cluster`` (names, shapes
-    and index sets of whole clusters), ``order`` (shapes in structural order), ``unique`` (the only fitting pair)."""
+    and index sets of whole clusters), ``order`` (shapes in structural order), ``unique`` (the only fitting pair),
+    ``verified`` (changed or added by running the source model and the converted target: ``keydiff --source``)."""
     name_score: float = 1.0
     """Similarity of the canonical names, 0 to 1."""
     shape: str = "same"
@@ -100,10 +101,25 @@ class Leftover:
     """Why it is left over, in words."""
     candidates: tuple[str, ...] = ()
     """The nearest keys on the other side, best first."""
+    kind: str = ""
+    """Of an unused checkpoint tensor, what it is: ``head``, ``tower``, ``buffer``, ``training`` (expected: the
+    model has no place for it) or ``depth``, ``weak``, ``shape``, ``unexplained`` (it should have gone somewhere)."""
+
+    @property
+    def explained(self) -> bool:
+        """True for an unused tensor the model is expected not to take (see ``kind``)."""
+        return self.kind in EXPECTED_UNUSED
 
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
-        return {"key": self.key, "shape": list(self.shape), "reason": self.reason, "candidates": list(self.candidates)}
+        out = {"key": self.key, "shape": list(self.shape), "reason": self.reason, "candidates": list(self.candidates)}
+        if self.kind:
+            out["kind"] = self.kind
+        return out
+
+
+EXPECTED_UNUSED = frozenset({"head", "tower", "buffer", "training"})
+"""Kinds of unused checkpoint tensors that a correct conversion leaves behind."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -168,6 +184,16 @@ class KeyMap:
     def complete(self) -> bool:
         """True when every model key is filled."""
         return not self.missing
+
+    @property
+    def unexplained(self) -> tuple[Leftover, ...]:
+        """Unused checkpoint tensors that should have gone somewhere (extra blocks, weak proposals, no reason)."""
+        return tuple(u for u in self.unused if not u.explained)
+
+    @property
+    def accounted(self) -> bool:
+        """True when every model key is filled and every unused checkpoint tensor has an expected reason."""
+        return not self.missing and not self.unexplained
 
     def apply(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Build the target state dict from a checkpoint's tensors.
@@ -489,7 +515,7 @@ def _parse(data: object) -> KeyMap:
 
 def _leftover(raw: Mapping[str, Any]) -> Leftover:
     return Leftover(key=str(raw["key"]), shape=tuple(int(d) for d in raw["shape"]), reason=str(raw["reason"]),
-                    candidates=tuple(str(c) for c in raw.get("candidates", [])))
+                    candidates=tuple(str(c) for c in raw.get("candidates", [])), kind=str(raw.get("kind", "")))
 
 
 def _shape(raw: object, where: str) -> tuple[int, ...]:

@@ -759,6 +759,174 @@ def _unique_pairs(src: list[Unit], dst: list[Unit], blocks: _Blocks | None = Non
     return out
 
 
+# ---------------------------------------------------------------------------------------------- dataflow
+
+def _is_follower(unit: Unit) -> bool:
+    """A unit of 1-D tensors only (a norm, a bias, a layer scale): it acts on what the module before it made."""
+    dims = [len(lf.shape) for lf in unit.leaves]  # a norm's step counter is 0-D
+    return not unit.parts and not unit.stack and max(dims, default=0) == 1
+
+
+def _anchors(dst: Sequence[Unit]) -> dict[int, Unit]:
+    """For each follower unit of the model, the module whose output it acts on: the nearest tensor-owning
+    non-follower that runs before it (``conv_pw`` for ``bn1``, ``conv_dw`` for ``bn2``).
+
+    A module's own tensors come before its children's in a state dict whatever the order they run in (a block's
+    layer scale), so a unit that contains other units has no place in this order and no anchor.
+    """
+    paths = {u.path for u in dst}
+    parents = {a for u in dst for a in _ancestors(u)} & paths
+    out: dict[int, Unit] = {}
+    last: Unit | None = None
+    for u in sorted(dst, key=lambda u: u.position):
+        if u.path in parents:
+            continue
+        if _is_follower(u):
+            if last is not None:
+                out[id(u)] = last
+        else:
+            last = u
+    return out
+
+
+class _Followers:
+    """Which model norm each checkpoint norm should take: the one that runs after the module its checkpoint
+    siblings (the units under the same parent) map to. ``expansion.expand_bn`` goes with ``expansion.expand_conv``:
+    when that became ``conv_pw``, it becomes the norm that runs after ``conv_pw``, not another same-shaped one."""
+
+    def __init__(self, pairings: list[Pairing], dst: Sequence[Unit]) -> None:
+        self.pairings = pairings
+        self.anchor = _anchors(dst)
+        self.after: dict[int, list[Unit]] = defaultdict(list)
+        for u in sorted(dst, key=lambda u: u.position):
+            a = self.anchor.get(id(u))
+            if a is not None:
+                self.after[id(a)].append(u)
+        self.siblings: dict[str, list[Unit]] = defaultdict(list)
+        for p in pairings:
+            if not _is_follower(p.source):
+                self.siblings[_parent(p.source)].append(p.source)
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self.by_source = {id(p.source): n for n, p in enumerate(self.pairings)}
+        self.by_target = {id(p.target): n for n, p in enumerate(self.pairings)}
+
+    def sibling_targets(self, source: Unit) -> list[Unit]:
+        return [self.pairings[self.by_source[id(s)]].target for s in self.siblings.get(_parent(source), ())
+                if id(s) in self.by_source]
+
+    def coherent(self, source: Unit, target: Unit) -> bool:
+        a = self.anchor.get(id(target))
+        return a is not None and any(a is t for t in self.sibling_targets(source))
+
+    def repair(self) -> int:
+        """Swap weakly named norms to the targets their siblings say; returns how many pairings moved."""
+        moved = 0
+        for _ in range(3):
+            changed = False
+            for n, p in enumerate(self.pairings):
+                if not _is_follower(p.source) or _named(p) or self.coherent(p.source, p.target):
+                    continue
+                for want in (t for a in self.sibling_targets(p.source) for t in self.after.get(id(a), ())):
+                    if want is p.target or unit_relation(p.source, want) is None:
+                        continue
+                    m = self.by_target.get(id(want))
+                    if m is None:
+                        continue  # a free target: left to the order step, which sees everything else too
+                    q = self.pairings[m]
+                    if _named(q) or unit_relation(q.source, p.target) is None:
+                        continue
+                    before = self.coherent(p.source, p.target) + self.coherent(q.source, q.target)
+                    after = self.coherent(p.source, want) + self.coherent(q.source, p.target)
+                    if after > before:
+                        note = "moved with its checkpoint siblings: runs after the module they map to"
+                        self.pairings[n] = _moved(p, want, note)
+                        self.pairings[m] = _moved(q, p.target, note)
+                        self._reindex()
+                        moved += 2
+                        changed = True
+                        break
+            if not changed:
+                break
+        return moved
+
+
+    def decide(self, below: float) -> None:
+        """Raise a weak norm pairing (below ``below``: ambiguous among same-shaped siblings) when dataflow decides
+        it: it runs after the module its checkpoint siblings map to, and no other fitting norm does."""
+        for n, p in enumerate(self.pairings):
+            if p.confidence >= below or not _is_follower(p.source) or not self.coherent(p.source, p.target):
+                continue
+            rivals = [t for a in self.sibling_targets(p.source) for t in self.after.get(id(a), ())
+                      if t is not p.target and unit_relation(p.source, t) is not None]
+            if not rivals:
+                anchor = self.anchor[id(p.target)]
+                note = f"dataflow: runs after {anchor.path}, which its checkpoint siblings map to"
+                self.pairings[n] = Pairing(p.source, p.target, p.method, 0.75, p.name_score, p.cluster, note)
+
+
+def _role_ambiguous(pairings: list[Pairing], followers: _Followers, file_order: bool) -> list[Pairing]:
+    """Mark unproven the weakly named cluster pairings that could trade targets with a sibling's pairing.
+
+    Two model units under one parent with the same shapes (a block's ``bn1`` and ``bn2``) are role-ambiguous: a
+    cluster pairing that names do not carry (``the only shape-compatible pair`` at the cluster level) is proven
+    only when something tells the two apart: names (by a margin), the order of the checkpoint's units where that
+    order means something, dataflow (a norm runs after the module its checkpoint siblings map to), or where the
+    rest of each checkpoint module went. Otherwise both pairings drop below any threshold, with the reason.
+    """
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for n, p in enumerate(pairings):
+        if not _named(p) and p.confidence >= 0.5:
+            groups[_parent(p.target), p.source.signature].append(n)
+    structure = _Structure(pairings, [])
+    flagged: dict[int, int] = {}
+    for members in groups.values():
+        for x, a in enumerate(members):
+            for b in members[x + 1:]:
+                pa, pb = pairings[a], pairings[b]
+                if "cluster" not in (pa.method, pb.method):
+                    continue  # two order/unique pairings: the order step weighed them already
+                if unit_relation(pa.source, pb.target) is None or unit_relation(pb.source, pa.target) is None:
+                    continue
+                if _decided(pa, pb, structure, followers, file_order):
+                    continue
+                flagged.setdefault(a, b)
+                flagged.setdefault(b, a)
+    out = list(pairings)
+    for n, m in flagged.items():
+        p = pairings[n]
+        note = (f"unproven: could trade places with {pairings[m].target.path} (same shapes; names, order and "
+                "dataflow do not decide)")
+        out[n] = Pairing(p.source, p.target, p.method, min(p.confidence, 0.35), p.name_score, p.cluster, note)
+    return out
+
+
+def _decided(pa: Pairing, pb: Pairing, structure: _Structure, followers: _Followers, file_order: bool) -> bool:
+    """Whether any evidence prefers the two pairings as they are over the two swapped."""
+    kept = _gain(pa.source, pa.target) + _gain(pb.source, pb.target)
+    swapped = _gain(pa.source, pb.target) + _gain(pb.source, pa.target)
+    if kept - swapped >= AMBIGUITY_MARGIN:
+        return True
+    if _order_is_evidence(pa.source, pb.source, file_order) and \
+            (pa.source.position < pb.source.position) == (pa.target.position < pb.target.position):
+        return True
+    coherent = followers.coherent(pa.source, pa.target) + followers.coherent(pb.source, pb.target)
+    if coherent > followers.coherent(pa.source, pb.target) + followers.coherent(pb.source, pa.target):
+        return True
+    return structure.consistency(pa, pb, False) > structure.consistency(pa, pb, True)
+
+
+def _named(p: Pairing) -> bool:
+    """Whether names alone carry a pairing (dataflow does not overrule them)."""
+    return p.name_score >= STRONG_NAME
+
+
+def _moved(p: Pairing, target: Unit, note: str) -> Pairing:
+    return Pairing(p.source, target, p.method, min(p.confidence, 0.8), name_similarity(p.source.template,
+                   target.template), p.cluster, note)
+
+
 def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
                 ) -> tuple[list[Pairing], list[Unit], list[Unit], list[str]]:
     """Pair checkpoint units with model units.
@@ -779,6 +947,7 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
     paired = {id(p.source) for p in pairings} | {id(p.target) for p in pairings} | {id(u) for u in reserved}
     left_src = [u for u in src if id(u) not in paired]
     left_dst = [u for u in dst if id(u) not in paired]
+    bare: list[Pairing] = []
     if left_src and left_dst:
         blocks = _Blocks(pairings)
         soft: list[_Soft] = []
@@ -818,12 +987,15 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
         left_src = [u for u in left_src if id(u) not in taken]
         left_dst = [u for u in left_dst if id(u) not in taken]
         bare = _bare_matrices(left_src, left_dst, blocks)
-        pairings += bare
         notes += [f"{lf.keys[0]} has no tensor in the checkpoint: made as zeros beside {p.source.path}, a bare matrix "
                   f"(used as x @ {p.source.path.rpartition('.')[2]}, no bias)" for p in bare for lf in p.zeros]
         left_src = [u for u in left_src if all(u is not p.source for p in bare)]
         left_dst = [u for u in left_dst if all(u.path != p.target.path for p in bare)]
-    return pairings, left_src, left_dst, notes
+    followers = _Followers(pairings, dst)
+    followers.repair()
+    followers.decide(0.5)
+    # a bare matrix's pairing carries the zeros beside it; dataflow and role checks are about other pairings
+    return _role_ambiguous(followers.pairings, followers, file_order) + bare, left_src, left_dst, notes
 
 
 def _linear(unit: Unit) -> tuple[Leaf, Leaf] | None:

@@ -132,3 +132,59 @@ def _suggest(name: str) -> str:
 
     close = [m for m, score, _ in process.extract(name, timm.list_models(), limit=3) if score >= 60]
     return f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+
+
+DEPTH_ARGS = ("depth", "depths", "layers", "num_layers", "num_hidden_layers", "n_layer", "n_layers", "num_blocks")
+"""Keyword arguments that set a model's depth, as timm, torchvision and transformers name them."""
+
+
+def depth_argument(spec: str, model_args: Mapping[str, Any], counts: list[int]) -> str | None:
+    """The ``KEY=VALUE`` model argument that gives the model ``counts`` blocks per container, or None.
+
+    An argument the user already passed wins (its form, a number or a list, is kept); otherwise the model's own
+    signature (or its config's attributes) says which depth argument it takes. Builds nothing when the user's
+    arguments decide.
+
+    Example:
+        >>> depth_argument("vit_tiny_patch16_224", {"depth": 2}, [4])
+        'depth=4'
+    """
+    for name in DEPTH_ARGS:
+        if name in model_args:
+            return _depth_value(name, model_args[name], counts)
+    try:
+        accepted = _accepted_args(spec)
+    except Exception:  # any failure to look: no hint rather than a wrong one
+        return None
+    for name in DEPTH_ARGS:
+        if name in accepted:
+            return _depth_value(name, accepted[name], counts)
+    return None
+
+
+def _depth_value(name: str, current: Any, counts: list[int]) -> str | None:
+    if isinstance(current, (list, tuple)) or len(counts) > 1:
+        if isinstance(current, (list, tuple)) and len(current) != len(counts):
+            return None
+        return f"{name}={list(counts)}"
+    return f"{name}={counts[0]}"
+
+
+def _accepted_args(spec: str) -> dict[str, Any]:
+    """Keyword arguments the spec's model accepts, with their defaults (None when there is none)."""
+    import inspect
+
+    factory = model_factory(spec)
+    if spec.startswith("transformers:"):
+        import transformers
+
+        config = getattr(transformers, spec.partition(":")[2]).config_class()
+        return {k: v for k, v in vars(config).items() if not k.startswith("_")}
+    if ":" not in spec:
+        import torch
+
+        with torch.device("meta"):
+            factory = type(factory())
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    params = inspect.signature(target).parameters.values()
+    return {p.name: None if p.default is inspect.Parameter.empty else p.default for p in params}

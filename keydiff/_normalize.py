@@ -81,14 +81,21 @@ def find_prefix(checkpoint_keys: Sequence[str], model_keys: Collection[str], pat
     if not scored or max(scored)[0] == 0:
         return Prefix(matches=baseline, baseline=baseline)
     _, _, strip, add = max(scored)
-    best = Prefix(strip=strip, add=add, matches=Prefix(strip=strip, add=add).count(checkpoint_keys, model),
-                  baseline=baseline)
-    if best.matches <= baseline or best.matches < 0.5 * min(len(checkpoint_keys), len(model)):
+    best = Prefix(strip=strip, add=add)
+    renamed = [best.apply(k) for k in checkpoint_keys]
+    # what counts is how many *model* keys the rewrite names: a block path taken for a wrapper (``layer4.2.``
+    # stripped from a deeper checkpoint) renames a few keys onto names that unprefixed keys already fill
+    reached = len(model.intersection(renamed))
+    if reached <= baseline or reached < 0.5 * min(len(checkpoint_keys), len(model)):
         return Prefix(matches=baseline, baseline=baseline)
+    best = Prefix(strip=strip, add=add, matches=reached, baseline=baseline)
     seen: dict[str, str] = {}
-    for key in checkpoint_keys:
-        new = best.apply(key)
+    for key, new in zip(checkpoint_keys, renamed, strict=True):
         if new in seen:
+            if strip and sum(k.startswith(strip) for k in checkpoint_keys) < 0.5 * len(checkpoint_keys):
+                # carried by a minority of the keys and colliding with the rest: a path inside the model, not a
+                # wrapper around it
+                return Prefix(matches=baseline, baseline=baseline)
             raise CheckpointError(
                 path or "checkpoint",
                 f"removing the prefix {best.strip!r} gives two tensors the same name {new!r} "

@@ -4,12 +4,14 @@ Names and shapes show that a conversion loads; only running both models shows th
 ``verify`` builds the source model (a timm name, ``package.module:callable``, or ``transformers:ModelClass`` built
 from its config class), loads the checkpoint into it, converts the checkpoint with keydiff's mapping, loads the
 result into the target, and compares every output of the source with the target's outputs of the same shape.
+``record`` runs a model with forward hooks and keeps each module's first output, in execution order: what
+``keydiff._repair`` compares module by module to find where a conversion goes wrong.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
     from keydiff._mapping import KeyMap
 
-__all__ = ["OutputCheck", "Verification", "build_source", "verify"]
+__all__ = ["OutputCheck", "Verification", "activation_diff", "build_source", "load_source", "record", "verify"]
 
 DEFAULT_TOLERANCE = 1e-4
 """Largest relative difference (max abs diff / max abs value) that counts as the same output."""
@@ -52,7 +54,8 @@ class Verification:
         """True when some source output is reproduced by the target within the tolerance."""
         return any(c.rel_diff is not None and c.rel_diff <= self.tolerance for c in self.checks)
 
-    def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
+    def table(self) -> Any:
+        """The outputs as a rich table: each source output, its closest target output and their difference."""
         from rich.table import Table
         from rich.text import Text
 
@@ -64,7 +67,12 @@ class Verification:
             table.add_row(c.source, str(list(c.shape)), c.target or "(no output of this shape)",
                           "" if c.max_abs_diff is None else f"{c.max_abs_diff:.3g}",
                           Text("" if c.rel_diff is None else f"{c.rel_diff:.2e}", style="green" if same else "red"))
-        yield table
+        return table
+
+    def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
+        from rich.text import Text
+
+        yield self.table()
         if self.ok:
             yield Text(f"✓ verified: the converted model reproduces the source model (relative difference ≤ "
                        f"{self.tolerance:g})", style="bold green")
@@ -137,26 +145,46 @@ def input_shape_for(model: nn.Module) -> tuple[int, ...]:
         return (2, 3, 224, 224)
 
 
+def load_source(source: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load the checkpoint into the source model, strictly.
+
+    Raises:
+        ModelError: the checkpoint is not the source model's (missing, unexpected or misshapen keys).
+    """
+    try:
+        source.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"the checkpoint does not load into the source model: {str(exc).splitlines()[0]}") from exc
+
+
+def random_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """The input both models run on: standard normal, from a seeded generator."""
+    import torch
+
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
 def verify(source: nn.Module, state_dict: Mapping[str, torch.Tensor], target: nn.Module, mapping: KeyMap, *,
            input_shape: tuple[int, ...] | None = None, tolerance: float = DEFAULT_TOLERANCE,
-           seed: int = 0) -> Verification:
+           seed: int = 0, partial: bool = False) -> Verification:
     """Load ``state_dict`` into ``source``, its conversion into ``target``, and compare their outputs.
+
+    Args:
+        partial: the mapping may leave target keys unfilled (they keep the target's values); otherwise the
+            converted checkpoint must load strictly.
 
     Raises:
         ModelError: the checkpoint does not load strictly into the source, or the conversion into the target.
     """
     import torch
 
+    load_source(source, state_dict)
     try:
-        source.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        raise ModelError(f"the checkpoint does not load into the source model: {str(exc).splitlines()[0]}") from exc
-    try:
-        target.load_state_dict(mapping.apply(state_dict), strict=True)
+        target.load_state_dict(mapping.apply(state_dict), strict=not partial)
     except RuntimeError as exc:
         raise ModelError(f"the converted checkpoint does not load into the target: {str(exc).splitlines()[0]}") from exc
     shape = tuple(input_shape or input_shape_for(target))
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x = random_input(shape, seed)
     with torch.no_grad():
         src_out = list(_tensors(_call(source.eval(), x), "output"))
         dst_out = _target_outputs(target.eval(), x)
@@ -175,3 +203,60 @@ def verify(source: nn.Module, state_dict: Mapping[str, torch.Tensor], target: nn
         checks.append(OutputCheck(name, tuple(a.shape), best[2] if best else "", best[1] if best else None,
                                   best[0] if best else None))
     return Verification(tuple(checks), shape, tolerance)
+
+
+Activation = tuple["torch.Tensor", ...]
+"""A module's output as a flat tuple of floating-point tensors."""
+
+
+class _Reached(Exception):
+    """Raised from a forward hook to end a run once the module of interest has run."""
+
+
+def record(model: nn.Module, x: torch.Tensor, *,
+           stop: Callable[[str, Activation], bool] | None = None) -> dict[str, Activation]:
+    """Run ``model`` on ``x`` and keep each named module's first output, in the order the modules finished.
+
+    A module's hook fires when its forward returns, so a child comes before its parent; the root (``""``) is not
+    recorded (its output is the model's, which ``verify`` compares). Modules called again (shared weights) keep
+    their first output.
+
+    Args:
+        stop: called with each module's name and first output; when it returns True the run ends there (the rest
+            of the forward pass is not needed).
+    """
+    import torch
+
+    out: dict[str, Activation] = {}
+
+    def hook(name: str) -> Any:
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            if name in out:
+                return
+            out[name] = tuple(t.detach() for _, t in _tensors(output, "") if t.is_floating_point())
+            if stop is not None and stop(name, out[name]):
+                raise _Reached
+
+        return keep
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            _call(model.eval(), x)
+    except _Reached:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def activation_diff(a: Activation, b: Activation) -> float | None:
+    """Largest relative difference (max abs diff / max abs value) between two activations; None when they cannot
+    be compared (another number of tensors, other shapes, or nothing to compare)."""
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
+        return None
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if x.numel()]
+    if not pairs:
+        return None
+    return max((x - y).abs().max().item() / max(x.abs().max().item(), 1e-12) for x, y in pairs)

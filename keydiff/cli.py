@@ -1,10 +1,13 @@
 """The ``keydiff`` command: a thin typed layer over the public API.
 
     keydiff MODEL CHECKPOINT [-m KEY=VALUE]... [--json MAP] [-o OUT]     diagnose, propose, convert
+    keydiff MODEL CHECKPOINT --source SOURCE [-s KEY=VALUE]...           ... and prove it by running both models
     keydiff apply MAP.json CHECKPOINT -o OUT                             apply a saved mapping
     keydiff stats CHECKPOINT [--csv STATS.csv]                           per-tensor statistics, NaN/Inf flagged
+    keydiff verify SOURCE CHECKPOINT TARGET                              run source and converted target
 
-Exit codes: 0 every model key is filled; 1 some stay unresolved; 2 bad input or usage (one line, no traceback).
+Exit codes: 0 every model key is filled (with --source: and the outputs agree); 1 some stay unresolved (or the
+outputs differ); 2 bad input or usage (one line, no traceback).
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TextIO
 
 import typer
 
 from keydiff._errors import KeydiffError, OutputError, UsageError
+
+if TYPE_CHECKING:
+    from keydiff._diff import Diff
+    from keydiff._repair import Proof
 
 __all__ = ["app", "main"]
 
@@ -27,10 +34,13 @@ _HELP = """Why a checkpoint does not load into a model, and the mapping that fix
 
 \b
   keydiff MODEL CHECKPOINT [-m KEY=VALUE]... [--json MAP] [-o OUT]
+  keydiff MODEL CHECKPOINT --source SOURCE [-s KEY=VALUE]...
   keydiff apply MAP.json CHECKPOINT -o OUT
   keydiff stats CHECKPOINT [--csv STATS.csv]
+  keydiff verify SOURCE CHECKPOINT TARGET
 
-Exit codes: 0 every model key is filled; 1 some stay unresolved; 2 bad input or usage.
+Exit codes: 0 every model key is filled (with --source: and the outputs agree); 1 some stay unresolved (or the
+outputs differ); 2 bad input or usage.
 """
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -52,6 +62,11 @@ ShardSize = Annotated[Optional[str], typer.Option(  # noqa: UP045
     "--max-shard-size", help="Write sharded safetensors with an index (e.g. 5GB, 500MB).")]
 Report = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     "--report", help="Also write the report to share: .md (GitHub markdown, for an issue) or .html (one page).")]
+SourceArgs = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+    "-s", "--source-arg", metavar="KEY=VALUE", help="Keyword argument for the source model or its config.")]
+InputShape = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--input-shape", help="Input shape, e.g. 2,3,224,224 (default: from the target's data config).")]
+Tolerance = Annotated[float, typer.Option("--tolerance", help="Largest relative difference that passes.")]
 
 
 def _console(quiet: bool, stderr: bool = False):
@@ -78,6 +93,15 @@ def _size(text: str | None) -> int | None:
     if t.isdigit():
         return int(t)
     raise UsageError(f"--max-shard-size {text!r} is not a size (for example 5GB or 500MB)")
+
+
+def _input_shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r} is not a list of integers like 2,3,224,224") from None
 
 
 def _check_output(path: Path, inputs: list[str], what: str) -> Path:
@@ -182,11 +206,21 @@ def diff_command(
     emit_python: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--emit-python", help="Write the mapping as a self-contained checkpoint_filter_fn(state_dict, model=None) "
                               "that needs only torch.")] = None,
+    source: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--source", help="The model CHECKPOINT belongs to (timm name, package.module:callable, "
+                         "transformers:ModelClass): run it and the converted MODEL on one input, repair the mapping "
+                         "where they differ, and exit 0 only if the outputs agree.")] = None,
+    source_arg: SourceArgs = None,
+    input_shape: InputShape = None,
+    tolerance: Tolerance = 1e-4,
     unsafe_pickle: UnsafePickle = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> int:
-    """Explain why CHECKPOINT does not load into MODEL, propose a mapping, and optionally convert it."""
+    """Explain why CHECKPOINT does not load into MODEL, propose a mapping, and optionally convert it.
+
+    With --source, prove it: exit 0 only when the converted model reproduces the source's outputs.
+    """
     from keydiff._diff import diff
     from keydiff._model import parse_model_args
     from keydiff._render._rich import render_diff
@@ -200,16 +234,26 @@ def diff_command(
     for path, what in ((json_path, "mapping"), (report, "report"), (emit_python, "generated code")):
         if path is not None:
             _check_output(path, inputs, what)
-    if values and not (Path(model).exists() and is_checkpoint_path(model)):
+    model_is_file = Path(model).exists() and is_checkpoint_path(model)
+    if values and not model_is_file:
         raise UsageError(f"--values compares the values of two checkpoints: MODEL must be a checkpoint file, got "
                          f"{model!r}")
+    if source is not None and model_is_file:
+        raise UsageError(f"--source runs the converted model: MODEL must be a model, not the checkpoint {model!r}")
+    if (source_arg or input_shape) and source is None:
+        raise UsageError("-s/--source-arg and --input-shape go with --source (the model the checkpoint belongs to)")
     with _status(quiet, f"reading {checkpoint.name} and {model}, matching keys"):
         d = diff(model, checkpoint, key=key, unsafe_pickle=unsafe_pickle, min_confidence=min_confidence, **args)
+    proof = None
+    if source is not None:
+        proof = _prove(d, source, parse_model_args(source_arg or []), model, args, _input_shape(input_shape),
+                       tolerance, quiet)
+        d = proof.diff
     console = _console(quiet)
     budget = 10**9 if show_all else 40
     # the report is built only for someone to read: on screen, or in --report
     shown = not quiet or report is not None
-    parts = list(render_diff(d, budget=budget, show_exact=show_all)) if shown else []
+    parts = list(render_diff(d, budget=budget, show_exact=show_all, proof=proof)) if shown else []
     if values:
         from keydiff._render._values import render_values
         from keydiff._sources import read_checkpoint
@@ -224,10 +268,16 @@ def diff_command(
     if report is not None:
         _write_report(report, parts, inputs, title=f"keydiff: {model} vs {checkpoint.name}")
         console.print(f"report written to {report}")
+    if proof is not None and not proof.verification.ok and not partial:
+        # exit 0 means right, not loads: a mapping running disproved is not written
+        for path in (emit_python, json_path, output):
+            if path is not None:
+                console.print(f"[red]nothing written to {path}: the converted model does not reproduce the source's "
+                              "outputs (--partial writes it anyway)[/red]")
+        return 1
     if emit_python is not None:
         if not d.ok and not partial:
-            console.print(f"[red]no code written to {emit_python}: {len(d.mapping.missing)} model keys are "
-                          "unresolved (--partial writes the rest)[/red]")
+            console.print(f"[red]no code written to {emit_python}: {d.problem} (--partial writes the rest)[/red]")
         else:
             _write_text(emit_python, d.to_python(), inputs, "generated code")
             console.print(f"checkpoint_filter_fn written to {emit_python}")
@@ -236,12 +286,25 @@ def diff_command(
         console.print(f"mapping written to {json_path}")
     if output is not None:
         if not d.ok and not partial:
-            console.print(f"[red]no checkpoint written to {output}: {len(d.mapping.missing)} model keys are "
-                          "unresolved (--partial writes the rest)[/red]")
+            console.print(f"[red]no checkpoint written to {output}: {d.problem} (--partial writes the rest)[/red]")
         else:
             files = _convert(d.mapping, d.source, d.checkpoint, output, inputs, shard, quiet)
             console.print(f"converted checkpoint written to {', '.join(files)} ({len(d.mapping.entries)} tensors)")
+    if proof is not None:
+        return 0 if proof.proven else 1
     return 0 if d.ok else 1
+
+
+def _prove(d: Diff, source: str, source_args: dict[str, Any], model: str, model_args: dict[str, Any],
+           shape: tuple[int, ...] | None, tolerance: float, quiet: bool) -> Proof:
+    """Build both models on the CPU and run them (``keydiff verify``'s code), repairing the mapping by running."""
+    from keydiff._repair import prove
+    from keydiff._verify import build_source
+
+    gc.enable()  # tensors are made and freed for a while now: let the collector run (see entry_point)
+    with _status(quiet, f"building {source} and {model}, running both"):
+        return prove(d, build_source(source, source_args), build_source(model, model_args), input_shape=shape,
+                     tolerance=tolerance, source_name=source)
 
 
 @app.command("apply")
@@ -276,14 +339,12 @@ def verify_command(
     checkpoint: Annotated[Path, typer.Argument(help="The source model's checkpoint.")],
     target: Annotated[str, typer.Argument(
         help="Target model: timm name, package.module:callable or transformers:ModelClass.")],
-    source_arg: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
-        "-s", "--source-arg", metavar="KEY=VALUE", help="Keyword argument for the source model or its config.")] = None,
+    source_arg: SourceArgs = None,
     model_arg: ModelArgs = None,
     mapping: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--mapping", help="Use this saved mapping instead of proposing one.")] = None,
-    input_shape: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        "--input-shape", help="Input shape, e.g. 2,3,224,224 (default: from the target's data config).")] = None,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest relative difference that passes.")] = 1e-4,
+    input_shape: InputShape = None,
+    tolerance: Tolerance = 1e-4,
     key: ContainerKey = None,
     unsafe_pickle: UnsafePickle = False,
     quiet: Quiet = False,
@@ -296,12 +357,7 @@ def verify_command(
     from keydiff._verify import build_source, verify
 
     _warn_unsafe(unsafe_pickle)
-    shape = None
-    if input_shape:
-        try:
-            shape = tuple(int(d) for d in input_shape.split(","))
-        except ValueError:
-            raise UsageError(f"--input-shape {input_shape!r} is not a list of integers like 2,3,224,224") from None
+    shape = _input_shape(input_shape)
     target_args = parse_model_args(model_arg or [])
     d = diff(target, checkpoint, key=key, unsafe_pickle=unsafe_pickle, **target_args)
     km = load_mapping(mapping) if mapping else d.mapping

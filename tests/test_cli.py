@@ -80,6 +80,10 @@ def test_output_over_an_input_is_refused(renamed, capsys):
     (["vit_base_patch16_224", "{ckpt}", "-m", "num_classes"], "is not KEY=VALUE"),
     (["vit_base_patch16_224", "{ckpt}", "--min-confidence", "7"], "min-confidence"),
     (["apply", "{tmp}/nope.json", "{ckpt}", "-o", "{tmp}/x.safetensors"], "cannot read the mapping file"),
+    (["{ckpt}", "{ckpt}", "--source", "vit_base_patch16_224"], "--source runs the converted model"),
+    (["vit_base_patch16_224", "{ckpt}", "-s", "depth=2"], "go with --source"),
+    (["vit_base_patch16_224", "{ckpt}", *VIT, "--source", "vit_base_patch16_224", "-s", "depth=3"],
+     "does not load into the source model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, renamed, tmp_path, capsys):
     args = [a.format(ckpt=renamed, tmp=tmp_path) for a in args]

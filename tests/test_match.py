@@ -188,3 +188,74 @@ def test_partial_biases_beside_a_fused_weight_pair_by_name():
     assert got["blocks.0.attn.q_bias"] == (("layers.0.attention.query.bias",), "rename")
     assert got["blocks.0.attn.v_bias"] == (("layers.0.attention.value.bias",), "rename")
     assert got["blocks.0.attn.qkv.weight"][1] == "concat"
+
+
+# --- dataflow: a norm goes with the conv it follows (issue 10) ------------------------------------------------
+
+def _hf_to_timm(tmp_path, hf_model, target: str, **kwargs):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    import keydiff
+
+    from pairs import randomise
+
+    src = randomise(hf_model)
+    path = tmp_path / "source.safetensors"  # sorted keys: the file's order says nothing about run order
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    d = keydiff.diff(target, str(path), **kwargs)
+    dst = timm.create_model(target, pretrained=False, **kwargs).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    if d.ok:
+        dst.load_state_dict(d.apply(), strict=True)
+        with torch.no_grad():
+            a, b = src(pixel_values=x).pooler_output.flatten(1), dst(x)
+        return d, ((a - b).abs().max() / a.abs().max()).item()
+    return d, None
+
+
+def test_inverted_residual_norms_follow_their_convs(tmp_path):
+    # transformers' EfficientNet: the first block is depthwise-separable (bn1 after conv_dw), the others inverted
+    # residual (bn1 after conv_pw, bn2 after conv_dw), every norm of a block the same width: names cannot decide
+    from transformers import EfficientNetConfig, EfficientNetModel
+
+    cfg = EfficientNetConfig(image_size=64, width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280)
+    d, rel = _hf_to_timm(tmp_path, EfficientNetModel(cfg), "tf_efficientnet_b0", num_classes=0)
+    assert d.ok, d.problem
+    assert rel is not None and rel < 1e-4
+    moved = [e for e in d.mapping.entries if "siblings" in e.evidence.note]
+    assert moved  # the cluster pairing alone put expansion norms on depthwise norms
+
+
+def test_flat_numbering_into_nested_stages_with_stem_block(tmp_path):
+    # transformers' MobileNetV2: `layer.{0..15}` -> `blocks.{S}.{B}`; the stem's 3x3 and 1x1 convs are the
+    # target's first block; the expansion and depthwise norms have the same width
+    from transformers import MobileNetV2Config, MobileNetV2Model
+
+    cfg = MobileNetV2Config(image_size=64, depth_multiplier=0.35, layer_norm_eps=1e-5, tf_padding=False)
+    d, rel = _hf_to_timm(tmp_path, MobileNetV2Model(cfg), "mobilenetv2_035", num_classes=0)
+    assert d.ok, d.problem
+    assert rel is not None and rel < 1e-4
+    assert any(e.evidence.note.startswith("dataflow") for e in d.mapping.entries)
+
+
+def test_role_ambiguous_norms_without_dataflow_stay_unresolved(tmp_path, monkeypatch):
+    # the same pair with the dataflow evidence switched off: the role-ambiguous norms must not be applied on
+    # cluster uniqueness alone (150 of 358 entries were applied wrong with exit 0 before issue 10)
+    from transformers import EfficientNetConfig, EfficientNetModel
+
+    import keydiff._match as match
+
+    monkeypatch.setattr(match._Followers, "repair", lambda self: 0)
+    monkeypatch.setattr(match._Followers, "coherent", lambda self, s, t: False)
+    cfg = EfficientNetConfig(image_size=64, width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280)
+    d, _ = _hf_to_timm(tmp_path, EfficientNetModel(cfg), "tf_efficientnet_b0", num_classes=0)
+    assert not d.ok
+    unproven = [m for m in d.mapping.missing if "unproven" in m.reason]
+    assert unproven and len(unproven) == len(d.mapping.missing)
+    # every applied entry agrees with the mapping the dataflow evidence proves right
+    monkeypatch.undo()
+    right, _ = _hf_to_timm(tmp_path, EfficientNetModel(cfg), "tf_efficientnet_b0", num_classes=0)
+    proven = {e.target: e.source for e in right.mapping.entries}
+    assert all(proven[e.target] == e.source for e in d.mapping.entries)

@@ -15,6 +15,7 @@ from keydiff._render._group import group_entries, group_leftovers
 
 if TYPE_CHECKING:
     from keydiff._diff import Diff
+    from keydiff._repair import Proof
 
 __all__ = ["DEFAULT_BUDGET", "mimebundle", "render_diff"]
 
@@ -31,25 +32,77 @@ def verdict(d: Diff) -> Text:
     total, missing = len(d.model), len(d.mapping.missing)
     exact = d.exact
     mapped = len(d.mapping.entries) - exact
+    unexplained = len(d.mapping.unexplained)
     if d.ok:
         how = f"{exact} by name" + (f", {mapped} by the proposed mapping" if mapped else "")
         text = Text(f"✓ all {total} model keys filled ({how})", style="bold green")
+    elif not missing:
+        how = f"{exact} by name" + (f", {mapped} by the proposed mapping" if mapped else "")
+        text = Text(f"✗ all {total} model keys filled ({how}), but {_plural(unexplained, 'checkpoint tensor')} "
+                    "should have gone somewhere", style="bold red")
+        return text
     else:
         text = Text(f"✗ {missing} of {total} model keys unresolved ({exact} filled by name, {mapped} by the "
                     "proposed mapping)", style="bold red")
+    if d.mapping.unused:
+        why = "" if unexplained or not d.ok else " (expected: see reasons)"
+        text.append(f"; {_plural(len(d.mapping.unused), 'checkpoint tensor')} unused{why}", style="yellow")
+    return text
+
+
+def proof_verdict(proof: Proof) -> Text:
+    """The first line with a source model: proven or not, and why."""
+    d, rel = proof.diff, proof.rel_diff
+    total, missing = len(d.model), len(d.mapping.missing)
+    shown = "" if rel is None else f"{rel:.1g}"
+    if proof.proven:
+        text = Text(f"✓ proven: all {total} model keys filled and the converted model reproduces the source's "
+                    f"outputs (max rel. diff {shown})", style="bold green")
+    elif proof.verification.ok:
+        text = Text(f"✗ not proven: {missing} of {total} model keys unresolved; the outputs compared agree "
+                    f"(max rel. diff {shown})", style="bold red")
+    else:
+        text = Text("✗ not proven: the converted model does not reproduce the source's outputs"
+                    + (f" (closest: rel. diff {shown})" if shown else "")
+                    + (f"; {missing} of {total} model keys unresolved" if missing else ""), style="bold red")
+    if proof.changes:
+        text.append(f"; {_plural(len(proof.changes), 'key')} changed by verification", style="cyan")
     if d.mapping.unused:
         text.append(f"; {_plural(len(d.mapping.unused), 'checkpoint tensor')} unused", style="yellow")
     return text
 
 
-def render_diff(d: Diff, *, budget: int = DEFAULT_BUDGET, show_exact: bool = False) -> Iterator[RenderableType]:
-    """Yield the report's parts, each bounded by ``budget`` rows."""
-    yield verdict(d)
+def render_proof(proof: Proof, budget: int) -> Iterator[RenderableType]:
+    """The outputs compared, what verification changed entry by entry, and where a repair stopped."""
+    yield proof.verification.table()
+    if proof.changes:
+        table = Table(title=f"What verification changed ({_plural(proof.trials, 'trial')}, at most "
+                            f"{proof.max_trials})", title_justify="left", title_style="cyan")
+        for col in ("model key", "was", "now", "why"):
+            table.add_column(col, overflow="fold")
+        for c in proof.changes[:budget]:
+            table.add_row(escape(c.target), escape(c.was), escape(c.now), escape(c.why))
+        yield table
+        if len(proof.changes) > budget:
+            yield Text(f"  … {len(proof.changes) - budget} more changes; use --all to list them", style="dim")
+    if proof.stopped:
+        yield Text(f"Repair by running stopped: {proof.stopped} ({_plural(proof.trials, 'trial')}, at most "
+                   f"{proof.max_trials}); nothing it tried is kept, the mapping below is the proposal", style="red")
+
+
+def render_diff(d: Diff, *, budget: int = DEFAULT_BUDGET, show_exact: bool = False,
+                proof: Proof | None = None) -> Iterator[RenderableType]:
+    """Yield the report's parts, each bounded by ``budget`` rows; with a ``proof`` (``d`` is ``proof.diff``) the
+    verdict says whether running proved the mapping, and what running changed follows the diagnoses."""
+    yield verdict(d) if proof is None else proof_verdict(proof)
     yield Text(f"  model: {d.model.origin} ({len(d.model)} keys)   checkpoint: {d.checkpoint.origin} "
-               f"({len(d.checkpoint)} keys{', ' + d.checkpoint_format if d.checkpoint_format else ''})", style="dim")
+               f"({len(d.checkpoint)} keys{', ' + d.checkpoint_format if d.checkpoint_format else ''})"
+               + (f"   source: {proof.source}" if proof is not None else ""), style="dim")
     for dg in d.diagnoses:
         style, mark = ("yellow", "⚠") if dg.level == "warning" else ("cyan", "•")
         yield Text(f"{mark} {dg.message}", style=style)
+    if proof is not None:
+        yield from render_proof(proof, budget)
     entries = [e for e in d.mapping.entries if show_exact or e.evidence.method not in ("exact", "prefix")]
     groups = group_entries(entries)
     if groups:
@@ -68,7 +121,7 @@ def render_diff(d: Diff, *, budget: int = DEFAULT_BUDGET, show_exact: bool = Fal
         yield Text(f"  {_plural(d.exact, 'key')} match by name; use --all to list them", style="dim")
     yield from _leftovers("Unresolved model keys", group_leftovers(d.mapping.missing), budget, "red")
     yield from _leftovers("Unused checkpoint tensors", group_leftovers(d.mapping.unused), budget, "yellow")
-    yield Text(next_step(d), style="bold")
+    yield Text(next_step(d) if proof is None else proof_next_step(proof), style="bold")
 
 
 def _leftovers(title: str, groups: list, budget: int, style: str) -> Iterator[RenderableType]:
@@ -89,12 +142,30 @@ def next_step(d: Diff) -> str:
     if d.ok:
         return ("Next: add -o converted.safetensors to write a checkpoint that loads with strict=True (--json map.json "
                 "saves the mapping). Checked: names, shapes, structure; not checked: that the converted model computes "
-                "the same function: `keydiff verify SOURCE_MODEL CKPT TARGET_MODEL` runs both.")
+                "the same function: `keydiff verify SOURCE_MODEL CKPT TARGET_MODEL` runs both (or add --source "
+                "SOURCE_MODEL to prove the mapping, repairing it where running shows it wrong).")
+    if not d.mapping.missing:
+        return ("Next: the unused checkpoint tensors above have no place in this model; follow the cause above "
+                "(another model argument), or --partial to convert what fits.")
     weak = [m for m in d.mapping.missing if m.reason.startswith("proposed")]
     if weak:
         return (f"Next: {len(weak)} unresolved keys have weaker proposals; check them and lower --min-confidence, "
                 "or convert the rest with --partial.")
     return "Next: the unresolved keys need a source the checkpoint lacks; --partial converts the rest."
+
+
+def proof_next_step(proof: Proof) -> str:
+    """What running showed and what to do now, in one line."""
+    shape = list(proof.verification.input_shape)
+    if proof.proven:
+        return (f"Checked: names, shapes, structure, and the function: {proof.source} and the converted model agree "
+                f"on a random input {shape}. Next: -o converted.safetensors writes the checkpoint (--json map.json "
+                "the verified mapping).")
+    if proof.verification.ok:
+        return ("Next: the outputs agree but some model keys stay unresolved; --partial converts the rest, "
+                "the unresolved keys keep the model's initialisation.")
+    return ("Next: the mapping is not proven, so nothing is written (--partial writes it anyway); compare the "
+            "module named above with its counterpart in both models' code.")
 
 
 def render_text(d: Diff, *, width: int = 120, budget: int = DEFAULT_BUDGET, show_exact: bool = False,
