@@ -1,7 +1,8 @@
 """A cache of model key sets, so that diagnosing against the same timm model again imports neither torch nor timm.
 
-One JSON file per model: its keys, shapes and dtypes in state-dict order, named by a hash of the model name, its
-arguments and the versions of timm, torch and keydiff (any upgrade is a new entry). Files live in
+One JSON file per model: its keys, shapes and dtypes in state-dict order and its dataflow (``keydiff._dataflow``: a
+forward pass traced on the meta device, part of what makes a first build slow), named by a hash of the model name,
+its arguments and the versions of timm, torch and keydiff (any upgrade is a new entry). Files live in
 ``$KEYDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/keydiff``, else ``~/.cache/keydiff``; ``KEYDIFF_NO_CACHE=1`` turns the
 cache off. Only timm names are cached: a ``module:callable`` is user code that can change under the same name.
 
@@ -20,12 +21,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from keydiff._keys import KeySet, TensorInfo
+from keydiff._keys import Dataflow, KeySet, TensorInfo
 
 __all__ = ["cache_dir", "cache_path", "load_model_keys", "store_model_keys"]
 
 _SCHEMA = "keydiff/model-keys"
-_VERSION = 1
+_VERSION = 2  # 2: the dataflow
 
 
 def cache_dir() -> Path | None:
@@ -83,9 +84,10 @@ def load_model_keys(spec: str, model_args: Mapping[str, Any]) -> KeySet | None:
                 spec, model_args):
             return None
         items = [(str(k), TensorInfo(tuple(int(d) for d in shape), str(dtype))) for k, shape, dtype in doc["keys"]]
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        flow = _flow_from_json(doc["flow"], [k for k, _ in items])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
         return None  # absent, or corrupt: rebuilt and rewritten by the caller
-    return KeySet.from_items(items, origin=spec, order_is_evidence=True)
+    return KeySet.from_items(items, origin=spec, order_is_evidence=True, flow=flow)
 
 
 def store_model_keys(spec: str, model_args: Mapping[str, Any], keys: KeySet) -> Path | None:
@@ -94,7 +96,7 @@ def store_model_keys(spec: str, model_args: Mapping[str, Any], keys: KeySet) -> 
     if path is None:
         return None
     doc = {"schema": _SCHEMA, "version": _VERSION, "id": _identity(spec, model_args),
-           "keys": [[k, list(info.shape), info.dtype] for k, info in keys.items()]}
+           "keys": [[k, list(info.shape), info.dtype] for k, info in keys.items()], "flow": _flow_to_json(keys)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -109,3 +111,27 @@ def store_model_keys(spec: str, model_args: Mapping[str, Any], keys: KeySet) -> 
     except OSError:
         return None  # a read-only or full cache directory only costs speed
     return path
+
+
+def _flow_to_json(keys: KeySet) -> dict[str, Any] | None:
+    """The dataflow with keys as indices into the key list and modules as indices into ``order``."""
+    flow = keys.flow
+    if flow is None or set(flow.param_order) != set(keys):
+        return None  # no dataflow, or one of other keys: the cache keeps what it can check
+    at = {k: i for i, k in enumerate(keys)}
+    module_at = {m: i for i, m in enumerate(flow.order)}
+    return {"ran": flow.ran, "reason": flow.reason, "param_order": [at[k] for k in flow.param_order],
+            "order": list(flow.order), "feeds": [[module_at[p], module_at[c]] for p, c in flow.feeds],
+            "unused": [at[k] for k in flow.unused]}
+
+
+def _flow_from_json(doc: dict[str, Any] | None, keys: list[str]) -> Dataflow | None:
+    if doc is None:
+        return None
+    order = tuple(str(m) for m in doc["order"])
+    param_order = tuple(keys[int(i)] for i in doc["param_order"])
+    if sorted(param_order) != sorted(keys):
+        raise ValueError("the cached dataflow does not cover the cached keys")
+    return Dataflow(ran=bool(doc["ran"]), reason=str(doc["reason"]), param_order=param_order, order=order,
+                    feeds=tuple((order[int(p)], order[int(c)]) for p, c in doc["feeds"]),
+                    unused=tuple(keys[int(i)] for i in doc["unused"]))

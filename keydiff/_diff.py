@@ -11,12 +11,13 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from keydiff._account import account_unused
 from keydiff._diagnose import Diagnosis, diagnose
-from keydiff._fold import FOLD_MIN_KEYS, FOLD_MIN_SHARE, Folding, expand_entries, fold_keys
+from keydiff._fold import FOLD_MIN_KEYS, FOLD_MIN_SHARE, Folding, can_pair, expand_entries, fold_keys
 from keydiff._keys import KeySet, natural_key
 from keydiff._mapping import Entry, Evidence, KeyMap, Leftover, Unwrap, compress_rules
 from keydiff._match import Pairing, match_units, name_similarity, shape_relation
@@ -112,7 +113,7 @@ class Diff:
 
     def stats(self, *, progress: bool | None = None) -> pd.DataFrame:
         """Per-tensor statistics of the checkpoint, one tensor at a time (see ``keydiff.stats``)."""
-        from keydiff._values import tensor_stats
+        from keydiff._stats import tensor_stats
 
         return tensor_stats(self.source, self.checkpoint, progress=progress)
 
@@ -433,6 +434,8 @@ def _match_folded(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_re
     dst = fold_keys(dst_rest, model)
     if not src.folds or not dst.folds or src.dropped + dst.dropped < FOLD_MIN_SHARE * (len(src_rest) + len(dst_rest)):
         return None
+    if not can_pair(src, dst):
+        return None
     entries, notes = _match(checkpoint, model, list(src.keys), list(dst.keys), to_raw)
     if any(e.confidence < min_confidence for e in entries):
         return None
@@ -539,15 +542,19 @@ def _entries(p: Pairing, to_raw: Mapping[str, str]) -> list[Entry]:
         else:
             rel = shape_relation(sl.shape, tl.shape) or "same"
             kind = {"same": "rename"}.get(rel, rel)
-            out.append(Entry(source=(to_raw[sl.keys[0]],), target=tl.keys[0], op=Op(kind=kind),
+            out.append(Entry(source=(to_raw[sl.keys[0]],), target=tl.keys[0], op=_op(kind=kind),
                              confidence=p.confidence * (0.8 if rel == "transpose" else 1.0),
-                             evidence=Evidence(shape=rel, **ev), source_shapes=(sl.shape,), target_shape=tl.shape))
+                             evidence=_evidence(shape=rel, **ev), source_shapes=(sl.shape,), target_shape=tl.shape))
     # a tensor made as zeros (a Linear's bias beside a bare matrix) is as sure as the weight it goes with
     out += [Entry(source=(), target=lf.keys[0], op=Op(kind="zeros", dtype=p.source.leaves[0].dtype),
                   confidence=min(e.confidence for e in out), source_shapes=(), target_shape=lf.shape,
                   evidence=Evidence(method=p.method, name_score=p.name_score, shape="zeros", note=p.note))
             for lf in p.zeros]
     return out
+
+
+# frozen values shared by every entry that has the same ones (a cluster pair gives thousands of renames)
+_op, _evidence = lru_cache(maxsize=256)(Op), lru_cache(maxsize=4096)(Evidence)
 
 
 def _stack_layout(unit: Unit, i: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -15,6 +15,7 @@ it only reaches it sooner.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -23,7 +24,7 @@ from keydiff._keys import KeySet, TensorInfo, format_indices
 from keydiff._mapping import Entry
 from keydiff._patterns import remember_templates, template_of
 
-__all__ = ["FOLD_MIN_KEYS", "FOLD_MIN_SHARE", "Fold", "Folding", "expand_entries", "fold_keys"]
+__all__ = ["FOLD_MIN_KEYS", "FOLD_MIN_SHARE", "Fold", "Folding", "can_pair", "expand_entries", "fold_keys"]
 
 FOLD_MIN_KEYS = 10_000
 """Below this many unmatched keys (both sides together) the full engine runs on every key."""
@@ -155,6 +156,26 @@ def _identical(children: list[list[tuple[str, TensorInfo]]]) -> bool:
 
 def _by_name(pair: tuple[str, TensorInfo]) -> tuple:
     return pair[0], pair[1].shape, pair[1].dtype
+
+
+def can_pair(source: Folding, target: Folding) -> bool:
+    """Whether the folds of two sides could pair one to one over the same index values, as a clean answer needs.
+
+    ``expand_entries`` accepts an answer only when every fold is paired with exactly one fold of the other side
+    that has the same index values (a fold left unpaired leaves its hidden keys unfilled or unused), so two sides
+    whose folds' index sets differ as multisets (an expert missing from one layer on one side) cannot give a clean
+    folded answer: the engine need not run on the folds to find out.
+
+    Example:
+        >>> from keydiff._keys import TensorInfo
+        >>> w = TensorInfo((4, 2), "float32")
+        >>> a = [f"a.experts.{e}.w.weight" for e in range(3)]
+        >>> b = [f"b.experts.{e}.w.weight" for e in (0, 2, 3)]
+        >>> fa, fb = fold_keys(a, dict.fromkeys(a, w)), fold_keys(b, dict.fromkeys(b, w))
+        >>> can_pair(fa, fa), can_pair(fa, fb)
+        (True, False)
+    """
+    return Counter(f.values for f in source.folds) == Counter(f.values for f in target.folds)
 
 
 def expand_entries(entries: Sequence[Entry], source: Folding, target: Folding,

@@ -1,4 +1,4 @@
-"""Leaf values: tensor facts, key sets, natural sort and exact index-set formatting."""
+"""Leaf values: tensor facts, key sets, a model's dataflow, natural sort and exact index-set formatting."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-__all__ = ["KeySet", "TensorInfo", "format_indices", "natural_key"]
+__all__ = ["Dataflow", "KeySet", "TensorInfo", "format_indices", "natural_key", "owner_of"]
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -69,6 +69,8 @@ class KeySet(Mapping[str, TensorInfo]):
     """Where the keys come from (a path or a model spec)."""
     order_is_evidence: bool = True
     """False when the order was made up (safetensors sorts its keys), so it says nothing of the model."""
+    flow: Dataflow | None = None
+    """The order the model uses these tensors in and which module feeds which (models only; None: not traced)."""
     _index: dict[str, TensorInfo] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -76,10 +78,11 @@ class KeySet(Mapping[str, TensorInfo]):
 
     @classmethod
     def from_items(
-        cls, items: Iterable[tuple[str, TensorInfo]], *, origin: str = "", order_is_evidence: bool = True
+        cls, items: Iterable[tuple[str, TensorInfo]], *, origin: str = "", order_is_evidence: bool = True,
+        flow: Dataflow | None = None,
     ) -> KeySet:
         """Build a key set from ``(key, info)`` pairs, in that order."""
-        return cls(tuple(items), origin=origin, order_is_evidence=order_is_evidence)
+        return cls(tuple(items), origin=origin, order_is_evidence=order_is_evidence, flow=flow)
 
     @property
     def infos(self) -> Mapping[str, TensorInfo]:
@@ -110,6 +113,99 @@ class KeySet(Mapping[str, TensorInfo]):
         return pd.DataFrame(
             [(k, v.shape, v.dtype, v.numel) for k, v in self.items_], columns=["key", "shape", "dtype", "numel"]
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dataflow:
+    """How a model uses its tensors, from one forward pass on the meta device: evidence of order and adjacency.
+
+    Keys are state-dict keys; modules are the paths that own them (``blocks.0.attn.qkv``; ``""`` is the root, the
+    owner of ``cls_token``). ``trace_dataflow`` in ``keydiff._dataflow`` builds it.
+
+    Example:
+        >>> flow = Dataflow(ran=True, reason="ran", param_order=("a.weight", "b.weight", "b.bias"),
+        ...                 order=("a", "b"), feeds=(("a", "b"),))
+        >>> flow.position("b.bias"), flow.follows("a"), flow.fed_by("b")
+        (2, ('b',), ('a',))
+    """
+
+    ran: bool
+    """Whether the forward pass ran; when False every order below is registration (state-dict) order."""
+    reason: str
+    """In words: the input the forward ran on, or why it did not run."""
+    param_order: tuple[str, ...]
+    """Every key, in the order the forward first consumed it; a key never consumed follows the key registered
+    before it (``bn.num_batches_tracked`` stays after ``bn.running_var``)."""
+    order: tuple[str, ...]
+    """Every tensor-owning module, in the order its first tensor is consumed."""
+    feeds: tuple[tuple[str, str], ...] = ()
+    """``(producer, consumer)``: the consumer's input was computed from the producer's output directly or through
+    parameter-free ops (activations, reshapes, ``cat``, residual adds, pooling). Grouped by consumer in ``order``;
+    each consumer's producers most recent first, so the first is the one that ran just before it."""
+    unused: tuple[str, ...] = ()
+    """Keys the forward pass never consumed (``num_batches_tracked`` in eval mode, an unused head)."""
+    _rank: dict[str, int] = field(init=False, repr=False, compare=False)
+    _module_rank: dict[str, int] = field(init=False, repr=False, compare=False)
+    _out: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+    _in: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        out: dict[str, list[str]] = {}
+        into: dict[str, list[str]] = {}
+        for producer, consumer in self.feeds:
+            out.setdefault(producer, []).append(consumer)
+            into.setdefault(consumer, []).append(producer)
+        object.__setattr__(self, "_rank", {k: i for i, k in enumerate(self.param_order)})
+        object.__setattr__(self, "_module_rank", {m: i for i, m in enumerate(self.order)})
+        object.__setattr__(self, "_out", {m: tuple(v) for m, v in out.items()})
+        object.__setattr__(self, "_in", {m: tuple(v) for m, v in into.items()})
+
+    @classmethod
+    def from_registration(cls, keys: Iterable[str], *, reason: str) -> Dataflow:
+        """The dataflow known without running the model: registration order, no edges, ``ran=False``.
+
+        Example:
+            >>> Dataflow.from_registration(["b.weight", "a.weight"], reason="not run").order
+            ('b', 'a')
+        """
+        keys = tuple(keys)
+        return cls(ran=False, reason=reason, param_order=keys, order=tuple(dict.fromkeys(map(owner_of, keys))))
+
+    def position(self, key: str) -> int:
+        """First-use rank of a tensor key (0 is consumed first): its index in ``param_order``, so a key never
+        consumed ranks right after the key registered before it, and every key has its registration rank when the
+        forward did not run.
+
+        Raises:
+            KeyError: ``key`` is not one of the model's keys.
+        """
+        return self._rank[key]
+
+    def module_position(self, module: str) -> int:
+        """Rank of a tensor-owning module in ``order``.
+
+        Raises:
+            KeyError: ``module`` owns no tensor of the model.
+        """
+        return self._module_rank[module]
+
+    def follows(self, module: str) -> tuple[str, ...]:
+        """The modules ``module`` feeds, in the order they run (empty for an unknown module)."""
+        return self._out.get(module, ())
+
+    def fed_by(self, module: str) -> tuple[str, ...]:
+        """The modules that feed ``module``, the most recent first (empty for an unknown module)."""
+        return self._in.get(module, ())
+
+
+def owner_of(key: str) -> str:
+    """The module path that owns a tensor key (``""`` for a tensor of the root module).
+
+    Example:
+        >>> owner_of("blocks.0.attn.qkv.weight"), owner_of("cls_token")
+        ('blocks.0.attn.qkv', '')
+    """
+    return key.rpartition(".")[0]
 
 
 def format_indices(values: Iterable[int]) -> str:

@@ -147,7 +147,11 @@ def name_similarity(a: str, b: str) -> float:
 # ----------------------------------------------------------------------------------------------------- fusion
 
 def _last_token(unit: Unit) -> str:
-    tokens = name_tokens(unit.template)
+    return _last_token_of(unit.template)
+
+
+def _last_token_of(template: str) -> str:
+    tokens = name_tokens(template)
     return tokens[-1] if tokens else ""
 
 
@@ -250,7 +254,7 @@ def _expert_split(path: str) -> tuple[str, int, str] | None:
 def _packs_experts(units: list[Unit]) -> bool:
     """Whether a side keeps tensors stacked over experts (``experts.gate_up_proj``)."""
     for u in units:
-        tokens = u.path.split(".")
+        tokens = u.path.rsplit(".", 2)  # the last two tokens are all it looks at
         if len(tokens) >= 2 and tokens[-2].lower() in EXPERT_STEMS and not tokens[-1].isdigit():
             return True
     return False
@@ -298,6 +302,8 @@ def apply_fusions(src: list[Unit], dst: list[Unit]) -> tuple[list[Unit], list[Un
     and v apart while its attention-pooling head holds one ``in_proj``, and the other library the reverse.
     """
     for fused, parts in FUSIONS:
+        if fused not in _last_tokens(src) | _last_tokens(dst):
+            continue  # the common case, read per template: nothing is fused on either side
         src_whole, src_apart = _fusion_sites(src, fused, parts)
         dst_whole, dst_apart = _fusion_sites(dst, fused, parts)
         for repeated in (True, False):
@@ -306,6 +312,11 @@ def apply_fusions(src: list[Unit], dst: list[Unit]) -> tuple[list[Unit], list[Un
             elif repeated in src_whole - dst_whole and repeated in dst_apart - src_apart:
                 dst = _fuse(dst, fused, parts, repeated)
     return src, dst
+
+
+def _last_tokens(units: list[Unit]) -> set[str]:
+    """The last name tokens of the units (read per template: units share a few)."""
+    return {_last_token_of(t) for t in {u.template for u in units}}
 
 
 # --------------------------------------------------------------------------------------------------- clusters
@@ -363,6 +374,64 @@ def _cluster_quality(pairs: list[tuple[Unit, Unit]]) -> float | None:
             return None
         quality = min(quality, q)
     return quality
+
+
+class _PairCache:
+    """``_members`` and ``_cluster_quality`` worked out once per distinct case.
+
+    The clusters of a large key set repeat themselves: ``w1``, ``w2`` and ``w3`` of every expert share one index
+    set, and all their members one leaf profile. ``_members`` depends only on the two clusters' slot counts and
+    member indices (in member order), so its answer is kept as member positions per such case; a cluster pair
+    whose members each share a single profile has the quality of any one member pair (``unit_relation`` looks at
+    leaf names, shapes and dtypes only).
+    """
+
+    def __init__(self) -> None:
+        self._indices: dict[int, tuple[tuple[int, ...], ...]] = {}  # id(cluster) -> member indices
+        self._profiles: dict[int, tuple | None] = {}  # id(cluster) -> the profile every member has, or None
+        self._members: dict[tuple, list[tuple[int, int]] | None] = {}
+
+    def _index_tuple(self, c: Cluster) -> tuple[tuple[int, ...], ...]:
+        found = self._indices.get(id(c))
+        if found is None:
+            found = self._indices[id(c)] = tuple(u.indices for u in c.units)
+        return found
+
+    def positions(self, a: Cluster, b: Cluster) -> list[tuple[int, int]] | None:
+        """``_members(a, b)`` as positions in ``a.units`` and ``b.units``."""
+        case = (a.template.count(SLOT), b.template.count(SLOT), self._index_tuple(a), self._index_tuple(b))
+        if case not in self._members:
+            pairs = _members(a, b)
+            if pairs is None:
+                self._members[case] = None
+            else:
+                where_a = {id(u): n for n, u in enumerate(a.units)}
+                where_b = {id(u): n for n, u in enumerate(b.units)}
+                self._members[case] = [(where_a[id(x)], where_b[id(y)]) for x, y in pairs]
+        return self._members[case]
+
+    @staticmethod
+    def pairs(a: Cluster, b: Cluster, positions: list[tuple[int, int]]) -> list[tuple[Unit, Unit]]:
+        """The member pairs at ``positions``."""
+        ua, ub = a.units, b.units
+        return [(ua[x], ub[y]) for x, y in positions]
+
+    def members(self, a: Cluster, b: Cluster) -> list[tuple[Unit, Unit]] | None:
+        """``_members(a, b)``."""
+        positions = self.positions(a, b)
+        return None if positions is None else self.pairs(a, b, positions)
+
+    def _profile_of(self, c: Cluster) -> tuple | None:
+        if id(c) not in self._profiles:
+            profiles = {_profile(u) for u in c.units}
+            self._profiles[id(c)] = next(iter(profiles)) if len(profiles) == 1 else None
+        return self._profiles[id(c)]
+
+    def quality(self, a: Cluster, b: Cluster, positions: list[tuple[int, int]]) -> float | None:
+        """``_cluster_quality`` of the member pairs at ``positions`` (not empty)."""
+        if self._profile_of(a) is not None and self._profile_of(b) is not None:
+            return _cluster_quality(self.pairs(a, b, positions[:1]))
+        return _cluster_quality(self.pairs(a, b, positions))
 
 
 SMALL_ASSIGNMENT = 10_000
@@ -446,11 +515,12 @@ def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> tuple[list[Pairin
         by_sig[c.units[0].signature].append(j)
     score = np.full((len(src), len(dst)), -1.0)
     names = np.zeros_like(score)
-    members: dict[tuple[int, int], list[tuple[Unit, Unit]]] = {}
+    members: dict[tuple[int, int], list[tuple[int, int]]] = {}  # member positions: pairs are made when taken
+    cache = _PairCache()
     for i, a in enumerate(src):
         for j in by_sig.get(a.units[0].signature, ()):
-            pairs = _members(a, dst[j])
-            quality = _cluster_quality(pairs) if pairs else None
+            pairs = cache.positions(a, dst[j])
+            quality = cache.quality(a, dst[j], pairs) if pairs else None
             if quality is None:
                 continue
             members[i, j] = pairs
@@ -475,10 +545,11 @@ def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> tuple[list[Pairin
         note = "the only shape-compatible pair" if unique and names[i, j] < 0.5 else ""
         if len(src[i].units) != len(dst[j].units):
             note = f"index sets differ: {len(src[i].units)} in the checkpoint, {len(dst[j].units)} in the model"
-        for su, tu in members[i, j]:
+        taken = cache.pairs(src[i], dst[j], members[i, j])
+        for su, tu in taken:
             pairings.append(Pairing(su, tu, "cluster", confidence, float(names[i, j]), label, note))
         # the rest of a partially paired cluster belongs to its partner: no other tensor may fill those slots
-        paired = {id(x) for pair in members[i, j] for x in pair}
+        paired = {id(x) for pair in taken for x in pair}
         reserved.extend(u for u in (*src[i].units, *dst[j].units) if id(u) not in paired)
     return pairings, reserved
 
@@ -680,13 +751,19 @@ def _swaps(soft: list[_Soft]) -> list[tuple[int, int]]:
 
 
 def _repair(fixed: Sequence[Pairing], soft: list[_Soft]) -> None:
-    """Trade partners between same-shaped pairs where that puts more checkpoint siblings under one model module."""
+    """Trade partners between same-shaped pairs where that puts more checkpoint siblings under one model module, or
+    where names clearly prefer the trade and structure does not object (an alphabetical file puts
+    ``layernorm_after`` before ``layernorm_before``, so the order step pairs them crosswise)."""
     structure = _Structure(fixed, soft)
     for _ in range(3):
         changed = False
         for a, b in _swaps(soft):
             pa, pb = soft[a], soft[b]
-            if structure.consistency(pa, pb, True) > structure.consistency(pa, pb, False):
+            swapped, kept = structure.consistency(pa, pb, True), structure.consistency(pa, pb, False)
+            names = (_gain(pa.source, pb.target) + _gain(pb.source, pa.target)
+                     - _gain(pa.source, pa.target) - _gain(pb.source, pb.target))
+            if swapped > kept or (swapped == kept and names >= AMBIGUITY_MARGIN and not (
+                    pa.method == pb.method == "order" and _order_is_evidence(pa.source, pb.source, False))):
                 structure.add(pa.source, pa.target, -1)
                 structure.add(pb.source, pb.target, -1)
                 pa.target, pb.target = pb.target, pa.target

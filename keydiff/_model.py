@@ -1,15 +1,17 @@
 """The model side: a timm name or a ``package.module:callable``, built on the meta device (nothing allocated,
-nothing downloaded), read as a ``KeySet`` of its state dict (persistent buffers included)."""
+nothing downloaded), read as a ``KeySet`` of its state dict (persistent buffers included) that carries the model's
+dataflow (``keydiff._dataflow``: one forward pass on the meta device)."""
 
 from __future__ import annotations
 
 import ast
 import importlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from keydiff._errors import ModelError, UsageError
-from keydiff._keys import KeySet, TensorInfo
+from keydiff._keys import Dataflow, KeySet, TensorInfo
 
 if TYPE_CHECKING:
     from torch import nn
@@ -38,8 +40,23 @@ def parse_model_args(items: Iterable[str]) -> dict[str, Any]:
 
 
 def keyset_of(state: Mapping[str, Any] | nn.Module, origin: str = "") -> KeySet:
-    """A ``KeySet`` of a module's state dict or of a mapping of tensors, in its order."""
-    sd = state.state_dict() if hasattr(state, "state_dict") and callable(state.state_dict) else state
+    """A ``KeySet`` of a module's state dict or of a mapping of tensors, in its order.
+
+    A module's key set carries its dataflow, traced on a meta copy (the module itself does not run, and no tensor
+    data is copied); a mapping's carries none.
+    """
+    if hasattr(state, "state_dict") and callable(state.state_dict):
+        from keydiff._dataflow import meta_copy, trace_dataflow
+
+        keys = _keys_of(state.state_dict(), origin)
+        copy = meta_copy(state)
+        flow = trace_dataflow(copy) if copy is not None else Dataflow.from_registration(
+            keys, reason="not run: the module cannot be copied to the meta device")
+        return replace(keys, flow=flow)
+    return _keys_of(state, origin)
+
+
+def _keys_of(sd: Mapping[str, Any], origin: str) -> KeySet:
     items = [
         (k, TensorInfo(tuple(v.shape), str(v.dtype).removeprefix("torch.")))
         for k, v in sd.items()
@@ -96,7 +113,7 @@ def model_factory(spec: str) -> Callable[..., nn.Module]:
 
 
 def read_model(spec: str, model_args: Mapping[str, Any] | None = None) -> KeySet:
-    """Build a model from its spec on the meta device and read its keys.
+    """Build a model from its spec on the meta device and read its keys, with its dataflow (``KeySet.flow``).
 
     Args:
         spec: a timm model name (``vit_base_patch16_224``), ``package.module:callable`` returning an
@@ -118,7 +135,9 @@ def read_model(spec: str, model_args: Mapping[str, Any] | None = None) -> KeySet
     model = _build(model_factory(spec), kwargs, spec)
     if not hasattr(model, "state_dict"):
         raise ModelError(f"{spec} returned {type(model).__name__}, not an nn.Module")
-    keys = keyset_of(model, origin=spec)
+    from keydiff._dataflow import trace_dataflow
+
+    keys = replace(_keys_of(model.state_dict(), spec), flow=trace_dataflow(model))  # the model is ours: it runs
     if timm_name:
         from keydiff._cache import store_model_keys
 

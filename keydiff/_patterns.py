@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from keydiff._conventions import BLOCK_STEMS, NOISE, canonical_token, split_leaf
+from keydiff._conventions import BLOCK_STEMS, LEAVES, NOISE, canonical_token, split_leaf
 from keydiff._keys import KeySet, format_indices, natural_key
 
 __all__ = ["Cluster", "Leaf", "Unit", "build_clusters", "build_units", "structural_order", "template_of"]
@@ -23,6 +23,7 @@ __all__ = ["Cluster", "Leaf", "Unit", "build_clusters", "build_units", "structur
 _RUNS = re.compile(r"([0-9]+)")
 _IN_TOKEN = re.compile(r"([A-Za-z][A-Za-z_]*?)([_-]?)(\d+)((?:-\d+)*)")
 SLOT = "{}"
+_WORD = re.compile(r"[A-Za-z_]+")  # a token with no digits: never an index
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,20 +188,37 @@ def _parse_template(path: str) -> tuple[str, tuple[int, ...]]:
     pieces = _RUNS.split(path)
     if len(pieces) == 1 and path.isascii():
         return path, ()
-    texts = pieces[0::2]
-    plan = _plan("\0".join(texts))
-    if plan is None:
+    skeleton = "\0".join(pieces[0::2])
+    layout = _layout(skeleton)
+    if layout is None:
         return _template_by_token(path)
+    slots, kept, templates = layout
+    runs = pieces[1::2]
+    # the template is the skeleton with each run that is not an index written back: one per such digit set
+    digits = tuple([runs[n] for n in kept])
+    template = templates.get(digits)
+    if template is None:
+        template = templates[digits] = _fill_skeleton(skeleton, slots, runs)
+    return template, tuple([int(runs[n]) for n in slots])
+
+
+def _fill_skeleton(skeleton: str, slots: tuple[int, ...], runs: list[str]) -> str:
+    texts = skeleton.split("\0")
     out = texts[0]
-    indices = []
-    for n, is_slot in enumerate(plan):
-        if is_slot:
-            out += SLOT
-            indices.append(int(pieces[2 * n + 1]))
-        else:
-            out += pieces[2 * n + 1]
-        out += texts[n + 1]
-    return out, tuple(indices)
+    for n, run in enumerate(runs):
+        out += (SLOT if n in slots else run) + texts[n + 1]
+    return out
+
+
+@lru_cache(maxsize=1 << 14)
+def _layout(skeleton: str) -> tuple[tuple[int, ...], tuple[int, ...], dict[tuple[str, ...], str]] | None:
+    """Of a skeleton's digit runs: which are indices, which are text; and its templates by the text runs' digits
+    (filled as they are met; the cache holds a few per skeleton: ``w1``, ``w2``, ``w3``)."""
+    plan = _plan(skeleton)
+    if plan is None:
+        return None
+    return (tuple(n for n, slot in enumerate(plan) if slot), tuple(n for n, slot in enumerate(plan) if not slot),
+            {})
 
 
 @lru_cache(maxsize=1 << 14)
@@ -243,7 +261,7 @@ def _token_template(token: str) -> tuple[str, tuple[int, ...]]:
 
 def _fix_parts(template: str, members: list[tuple[str, tuple[int, ...]]],
                kinds: dict[str, tuple]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Turn inner slots that name parts back into text.
+    """Turn inner slots that name parts back into text; returns the members it changes.
 
     An inner slot names parts when it takes the same value set under every outer index and the values hold
     different kinds of tensors (``layer.0`` a 1x1 conv, ``layer.1`` a 3x3 one; ``mlp.0`` and ``mlp.3``). When every
@@ -263,7 +281,7 @@ def _fix_parts(template: str, members: list[tuple[str, tuple[int, ...]]],
         if len(next(iter(sets))) == 1 or len({frozenset(k) for k in by_value.values()}) > 1:
             fixed.add(j)
     if not fixed:
-        return {path: (template, ix) for path, ix in members}
+        return {}
     out = {}
     pieces = template.split(SLOT)
     for path, ix in members:
@@ -281,30 +299,56 @@ def build_units(keyset: KeySet, keys: Iterable[str], *, order: Sequence[str] | N
     wanted = set(keys)
     ordered = [k for k in (order if order is not None else keyset) if k in wanted]
     grouped: dict[str, dict[str, str]] = {}
+    canonical = LEAVES.get
     for key in ordered:
-        path, leaf = split_leaf(key)
-        leaves = grouped.setdefault(path, {})
-        leaves[leaf if leaf not in leaves else key.rpartition(".")[2]] = key
+        head, _, last = key.rpartition(".")
+        leaf = canonical(last)
+        path, leaf = (head, leaf) if leaf is not None and head else split_leaf(key)  # split_leaf's common case
+        leaves = grouped.get(path)
+        if leaves is None:
+            grouped[path] = {leaf: key}
+        else:
+            leaves[leaf if leaf not in leaves else last] = key
     raw = {path: template_of(path) for path in grouped}
+    _remember_key_templates(grouped, raw)
     by_template: dict[str, list[tuple[str, tuple[int, ...]]]] = defaultdict(list)
     for path, (tpl, ix) in raw.items():
         by_template[tpl].append((path, ix))
-    # each path's leaves, sorted by name, with their tensor facts: looked up once, used twice
-    facts = {path: [(name, key, keyset[key]) for name, key in sorted(leaves.items())]
-             for path, leaves in grouped.items()}
-    final: dict[str, tuple[str, tuple[int, ...]]] = {}
+    info = keyset.infos
+    final = raw  # templates as parsed, but for inner slots that name parts
     for tpl, members in by_template.items():
         if tpl.count(SLOT) > 1:
-            kinds = {p: tuple((name, info.shape) for name, _, info in facts[p]) for p, _ in members}
+            kinds = {p: tuple((name, info[key].shape) for name, key in sorted(grouped[p].items())) for p, _ in members}
             final.update(_fix_parts(tpl, members, kinds))
-        else:
-            final.update({p: (tpl, ix) for p, ix in members})
     units = []
-    for position, (path, found) in enumerate(facts.items()):
+    for position, (path, leaves) in enumerate(grouped.items()):
         tpl, ix = final[path]
-        infos = tuple(Leaf(name, (key,), info.shape, info.dtype) for name, key, info in found)
-        units.append(Unit(path=path, leaves=infos, template=tpl, indices=ix, position=position))
+        if len(leaves) == 1:
+            ((name, key),) = leaves.items()
+            facts = info[key]
+            found: tuple[Leaf, ...] = (Leaf(name, (key,), facts.shape, facts.dtype),)
+        else:  # leaves sorted by name
+            found = tuple(Leaf(name, (key,), info[key].shape, info[key].dtype) for name, key in sorted(leaves.items()))
+        units.append(Unit(path, found, tpl, ix, position))
     return units
+
+
+def _remember_key_templates(grouped: dict[str, dict[str, str]],
+                            paths: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Record the templates of the keys under each path without parsing them: a key that is its path plus a last
+    token without digits (``.weight``) has the path's template plus that token (templates are decided token by
+    token). Rules, diagnoses and reports ask for the keys' templates next."""
+    known = []
+    for path, leaves in grouped.items():
+        tpl, ix = paths[path]
+        if not ix:
+            continue
+        cut = len(path) + 1
+        for key in leaves.values():
+            last = key[cut:]
+            if key.startswith(".", cut - 1) and key.startswith(path) and _WORD.fullmatch(last):
+                known.append((key, (f"{tpl}.{last}", ix)))
+    remember_templates(known)
 
 
 def build_clusters(units: Iterable[Unit]) -> list[Cluster]:

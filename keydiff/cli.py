@@ -392,7 +392,7 @@ def stats_command(
     """
     from keydiff._render._values import render_stats
     from keydiff._sources import read_checkpoint
-    from keydiff._values import tensor_stats
+    from keydiff._stats import tensor_stats
 
     _warn_unsafe(unsafe_pickle)
     inputs = [str(checkpoint)]

@@ -109,10 +109,10 @@ def test_folded_answer_is_the_full_engines_answer(layers, experts, prefix):
 def test_repeats_that_do_not_pair_fall_back_to_the_full_engine(monkeypatch, model_experts, ckpt_experts):
     model, ckpt = _moe(2, model_experts, hf=False), _moe(2, ckpt_experts, hf=True)
     calls = []
-    monkeypatch.setattr(_diff, "expand_entries", lambda *a: calls.append(1) or _fold.expand_entries(*a))
+    monkeypatch.setattr(_diff, "can_pair", lambda *a: calls.append(_fold.can_pair(*a)) or calls[-1])
     folded = _answer(model, ckpt, True, monkeypatch)
     assert folded == _answer(model, ckpt, False, monkeypatch)
-    assert calls  # the folded route was tried and refused
+    assert calls == [False]  # the folded route was tried and refused before the engine ran on the folds
     assert folded[1] or folded[2]  # the counts differ: something is left over, and said so
 
 
@@ -172,6 +172,21 @@ def test_unclean_folds_give_the_full_engines_answer(defect, monkeypatch):
     folded = _answer(model, ckpt, True, monkeypatch)
     assert folded == _answer(model, ckpt, False, monkeypatch)
     assert folded[1] or folded[2]
+
+
+@pytest.mark.parametrize("defect", list(_DEFECTS))
+def test_folds_that_cannot_pair_are_refused_before_matching_and_nothing_else_is(defect, monkeypatch):
+    """``can_pair`` is only a shortcut: wherever it refuses, the folded engine would have refused too."""
+    drop_model, drop_ckpt = _DEFECTS[defect]
+    model = _without(_moe(4, 8, hf=False), drop_model)
+    ckpt = _without(_moe(4, 8, hf=True), drop_ckpt)
+    monkeypatch.setattr(_diff, "FOLD_MIN_KEYS", 0)
+    monkeypatch.setattr(_diff, "FOLD_MIN_SHARE", 0.0)
+    rest_m, rest_c = list(model), list(ckpt)
+    if not _fold.can_pair(fold_keys(rest_c, ckpt), fold_keys(rest_m, model)):
+        monkeypatch.setattr(_diff, "can_pair", lambda *a: True)
+        assert _diff._match_folded(ckpt, model, rest_c, rest_m, {k: k for k in ckpt}, {k: k for k in ckpt},
+                                   0.5) is None
 
 
 def test_a_hole_at_another_index_on_each_side_is_not_paired_across(monkeypatch):

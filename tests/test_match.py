@@ -190,6 +190,29 @@ def test_partial_biases_beside_a_fused_weight_pair_by_name():
     assert got["blocks.0.attn.qkv.weight"][1] == "concat"
 
 
+@pytest.mark.parametrize("holes", [False, True])
+def test_pair_cache_gives_what_members_and_quality_give(holes):
+    """The per-case cache of cluster pairing (index sets and leaf profiles repeat) against the direct answers."""
+    from keydiff._match import _cluster_quality, _members, _PairCache
+    from keydiff._patterns import build_clusters, build_units
+
+    def side(prefix, drop):
+        items = [(f"{prefix}.{n}.experts.{e}.{w}.weight", TensorInfo((4, 2) if w != "w2" else (2, 4), "float32"))
+                 for n in range(3) for e in range(5) for w in ("w1", "w2", "w3") if (n, e, w) != drop]
+        items += [(f"{prefix}.{n}.norm.weight", TensorInfo((4,), "float32" if n else "float16")) for n in range(3)]
+        ks = KeySet.from_items(items)
+        return build_clusters(build_units(ks, ks))
+
+    src, dst = side("a", (1, 2, "w1") if holes else None), side("b", (2, 4, "w3") if holes else None)
+    cache = _PairCache()
+    for a in src:
+        for b in dst:
+            pairs = _members(a, b)
+            assert cache.members(a, b) == pairs
+            if pairs:
+                assert cache.quality(a, b, cache.positions(a, b)) == _cluster_quality(pairs)
+
+
 # --- dataflow: a norm goes with the conv it follows (issue 10) ------------------------------------------------
 
 def _hf_to_timm(tmp_path, hf_model, target: str, **kwargs):

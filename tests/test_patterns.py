@@ -148,3 +148,28 @@ def test_prefix_count_is_apply_over_every_key(keys, strip, add):
     model = {"a", "b", "model.a", "m.b"}
     prefix = Prefix(strip=strip, add=add)
     assert prefix.count(keys, model) == sum(prefix.apply(k) in model for k in keys)
+
+
+_TOKENS = st.sampled_from(["blocks", "layer1", "0", "3", "12", "07", "mlp", "fc2", "block1-0", "encoder_layer_4",
+                           "experts", "w1", "norm", "stage2", "x9y", "é1", "٣", "attn", "qkv"])
+_LEAVES = st.sampled_from(["weight", "bias", "running_mean", "in_proj_weight", "scale", "w2", "gamma"])
+
+
+@given(keys=st.lists(st.builds(lambda ts, leaf: ".".join([*ts, leaf]), st.lists(_TOKENS, min_size=1, max_size=5),
+                               _LEAVES), min_size=1, max_size=30, unique=True))
+def test_key_templates_remembered_by_build_units_are_the_parsed_ones(keys):
+    """build_units records its keys' templates from their paths' without parsing: the same answer as parsing."""
+    from keydiff import _patterns
+
+    _patterns._TEMPLATES.clear()
+    build_units(_ks(keys), keys)
+    for key in keys:
+        if key in _patterns._TEMPLATES:
+            assert _patterns._TEMPLATES[key] == _patterns._parse_template(key), key
+
+
+@given(path=st.lists(_TOKENS, min_size=1, max_size=6).map(".".join))
+def test_template_parse_by_skeleton_agrees_with_token_by_token(path):
+    from keydiff import _patterns
+
+    assert _patterns._parse_template(path) == _patterns._template_by_token(path)

@@ -14,7 +14,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 import keydiff
-from keydiff import _values
+from keydiff import _stats
 from keydiff._errors import UsageError
 
 from pairs import CORE_PAIRS, write_source
@@ -68,7 +68,7 @@ def test_stats_flag_injected_nan_inf_and_all_zero(hf, tmp_path):
 def test_stats_columns_and_values_match_torch(hf):
     path, d, _ = hf
     frame = d.stats()
-    assert tuple(frame.columns) == _values.STATS_COLUMNS
+    assert tuple(frame.columns) == _stats.STATS_COLUMNS
     assert list(frame.key) == list(d.checkpoint)
     assert frame.equals(keydiff.stats(path))
     sd = load_file(str(path))
@@ -102,12 +102,12 @@ def test_stats_of_integer_bool_half_complex_and_empty_tensors():
        chunk=st.integers(1, 17))
 def test_chunked_moments_equal_one_pass_numpy(values, chunk):
     t = torch.tensor(values, dtype=torch.float32)
-    old = _values.CHUNK
-    _values.CHUNK = chunk
+    old = _stats.CHUNK
+    _stats.CHUNK = chunk
     try:
-        row = dict(zip(_values.STATS_COLUMNS, _values._stats_row("x", t), strict=True))
+        row = dict(zip(_stats.STATS_COLUMNS, _stats._stats_row("x", t), strict=True))
     finally:
-        _values.CHUNK = old
+        _stats.CHUNK = old
     ref = t.double().numpy()
     assert row["mean"] == pytest.approx(np.mean(ref), rel=1e-9, abs=1e-6)
     assert row["std"] == pytest.approx(np.std(ref), rel=1e-6, abs=1e-6)
