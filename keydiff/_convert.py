@@ -44,7 +44,8 @@ def write_converted(mapping: KeyMap, source: Any, keys: KeySet, path: str | os.P
     from keydiff._writer import write_safetensors
 
     items = [
-        (e.target, TensorInfo(e.target_shape, keys[e.source[0]].dtype), _producer(e, source, tick))
+        (e.target, TensorInfo(e.target_shape, keys[e.source[0]].dtype if e.source else e.op.dtype or "float32"),
+         _producer(e, source, tick))
         for e in mapping.entries
     ]
     return write_safetensors(path, items, inputs=inputs, metadata={"format": "pt", "converted_by": "keydiff"},

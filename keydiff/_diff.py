@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import os
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -390,6 +391,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
         found = _match_folded(norm_keys, model, src_rest, dst_rest, to_model, to_raw, min_confidence, ahead)
     if found is None:
         found = _match(norm_keys, model, src_rest, dst_rest, to_raw)
+    found, tower = _one_tower(found, norm_keys, model, src_rest, dst_rest, to_model, to_raw, min_confidence)
     entries.extend(found[0])
     notes = found[1]
     entries = _transpose_convention(entries, norm_keys, to_model)
@@ -397,6 +399,8 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     entries.sort(key=lambda e: order_of[e.target])
     applied = tuple(e for e in entries if e.confidence >= min_confidence)
     mapping = _keymap(model, checkpoint, applied, entries, mismatched, prefix, container, min_confidence)
+    if tower:
+        mapping = _other_towers(mapping, tower, to_model)
     diagnoses = diagnose(model, checkpoint, mapping, prefix, container=container, alternatives=alternatives,
                          non_tensor=non_tensor, notes=notes, depth_hint=depth_hint)
     return Diff(model=model, checkpoint=checkpoint, mapping=mapping, proposals=tuple(entries), diagnoses=diagnoses,
@@ -460,6 +464,71 @@ def _match_folded(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_re
     return expanded, notes
 
 
+def _top(key: str) -> str:
+    """The top-level subtree a (normalised) key sits in; empty for a bare top-level tensor."""
+    head, dot, _ = key.partition(".")
+    return head if dot else ""
+
+
+def _one_tower(found: tuple[list[Entry], list[str]], checkpoint: KeySet, model: KeySet, src_rest: list[str],
+               dst_rest: list[str], to_model: Mapping[str, str], to_raw: Mapping[str, str],
+               min_confidence: float) -> tuple[tuple[list[Entry], list[str]], str]:
+    """Match again inside one top-level subtree of the checkpoint when the model is one tower of it.
+
+    A whole CLIP checkpoint holds a vision tower (``visual.*``) beside a text tower (``transformer.*``,
+    ``token_embedding``...). When most of the model's matched keys come from one subtree, and from more than one
+    part of the model there (not only its blocks: a tower, not an encoder), tensors outside it are implausible
+    for the rest: a text block of the same width would tie with a vision block, a text projection with the
+    visual one. An open match that filled every model key stands (the subtree is named only if it used nothing
+    outside); else the subtree's match is kept when it fills at least every model key the open match filled, so
+    a checkpoint whose head lives beside its backbone (``backbone.*`` + ``head.*``) keeps its head.
+
+    Returns:
+        The match to use, and the subtree (``""`` when there is none).
+    """
+    entries = found[0]
+    sourced = [e for e in entries if e.source]  # a tensor made as zeros comes from no subtree
+    tops: dict[str, list[Entry]] = defaultdict(list)
+    for e in sourced:
+        sources = {_top(to_model[k]) for k in e.source}
+        tops[sources.pop() if len(sources) == 1 else ""].append(e)
+    tower, inside = max(((t, es) for t, es in tops.items() if t), key=lambda te: (len(te[1]), te[0]),
+                        default=("", []))
+    if 2 * len(inside) < len(sourced) or len({_top(e.target) or e.target for e in inside}) < 2:
+        return found, ""
+    within = [k for k in src_rest if _top(k) == tower]
+    if len(within) == len(src_rest):
+        return found, ""
+
+    def filled(es: list[Entry]) -> int:
+        return sum(e.confidence >= min_confidence for e in es)
+
+    note = (f"the model is one tower of this checkpoint: it matches inside `{tower}.`; the "
+            f"{len(src_rest) - len(within)} tensors outside it were not considered")
+    if filled(entries) == len(dst_rest):
+        # nothing left to find: the subtree is named only when the open match took nothing from outside it
+        if len(inside) < len(sourced):
+            return found, ""
+        return (found[0], [*found[1], note]), tower
+    again = _match(checkpoint, model, within, dst_rest, to_raw)
+    if filled(again[0]) < filled(entries):
+        return found, ""
+    return (again[0], [*again[1], note]), tower
+
+
+def _other_towers(mapping: KeyMap, tower: str, to_model: Mapping[str, str]) -> KeyMap:
+    """Unused checkpoint tensors outside the tower the model matched, with that as their reason (an expected
+    leftover, kind ``tower``: single tensors such as ``logit_scale`` included)."""
+    def reason(key: str) -> str:
+        name = to_model.get(key, key)
+        where = f"{_top(name)}.*" if _top(name) else name
+        return f"another tower: `{where}` is outside `{tower}.`, which the model matches"
+
+    unused = tuple(replace(u, reason=reason(u.key), kind="tower") if _top(to_model.get(u.key, u.key)) != tower
+                   else u for u in mapping.unused)
+    return replace(mapping, unused=unused)
+
+
 def _entries(p: Pairing, to_raw: Mapping[str, str]) -> list[Entry]:
     out = []
     for i, (sl, tl) in enumerate(zip(p.source.leaves, p.target.leaves, strict=True)):
@@ -492,6 +561,11 @@ def _entries(p: Pairing, to_raw: Mapping[str, str]) -> list[Entry]:
             out.append(Entry(source=(to_raw[sl.keys[0]],), target=tl.keys[0], op=_op(kind=kind),
                              confidence=p.confidence * (0.8 if rel == "transpose" else 1.0),
                              evidence=_evidence(shape=rel, **ev), source_shapes=(sl.shape,), target_shape=tl.shape))
+    # a tensor made as zeros (a Linear's bias beside a bare matrix) is as sure as the weight it goes with
+    out += [Entry(source=(), target=lf.keys[0], op=Op(kind="zeros", dtype=p.source.leaves[0].dtype),
+                  confidence=min(e.confidence for e in out), source_shapes=(), target_shape=lf.shape,
+                  evidence=Evidence(method=p.method, name_score=p.name_score, shape="zeros", note=p.note))
+            for lf in p.zeros]
     return out
 
 
@@ -528,8 +602,10 @@ def _transpose_convention(entries: list[Entry], keys: KeySet, to_model: Mapping[
     the square ones are ambiguous and their confidence says so.
     """
     def linear_weight(e: Entry) -> bool:
+        if len(e.source) != 1:
+            return False
         key = to_model.get(e.source[0], e.source[0])
-        return (len(e.source) == 1 and e.evidence.method not in ("exact", "prefix") and len(e.target_shape) == 2
+        return ( e.evidence.method not in ("exact", "prefix") and len(e.target_shape) == 2
                 and key.endswith(".weight") and key[: -len("weight")] + "bias" in keys)
 
     if not any(e.op.kind == "transpose" for e in entries):

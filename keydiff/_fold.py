@@ -192,6 +192,8 @@ def expand_entries(entries: Sequence[Entry], source: Folding, target: Folding,
     for e in entries:
         t_fold = target.fold_of.get(e.target)
         s_folds = [source.fold_of.get(to_model[s]) for s in e.source]
+        if t_fold is not None and not s_folds:
+            return None  # a tensor made from nothing (zeros) in a fold: the full engine decides
         if t_fold is None and not any(s_folds):
             out.append(e)
             continue

@@ -62,7 +62,7 @@ class Entry:
     """One target tensor and how to make it from the checkpoint."""
 
     source: tuple[str, ...]
-    """Checkpoint keys, as stored in the file (wrapper prefix included)."""
+    """Checkpoint keys, as stored in the file (wrapper prefix included); none for ``zeros``."""
     target: str
     """The model key it fills."""
     op: Op
@@ -240,10 +240,18 @@ class KeyMap:
         return obj
 
     def inverse(self) -> KeyMap:
-        """The mapping that turns the converted state dict back into the mapped part of the checkpoint."""
+        """The mapping that turns the converted state dict back into the mapped part of the checkpoint.
+
+        A tensor filled with zeros came from no checkpoint tensor: the inverse lists it as unused, with that reason.
+        """
         entries: list[Entry] = []
         splits: dict[str, list[Entry]] = defaultdict(list)
+        made_up: list[Leftover] = []
         for e in self.entries:
+            if e.op.kind == "zeros":
+                made_up.append(Leftover(key=e.target, shape=e.target_shape,
+                                        reason="filled with zeros by the mapping: the checkpoint has no such tensor"))
+                continue
             if e.op.kind in ("split", "unstack"):
                 splits[e.source[0]].append(e)
                 continue
@@ -267,7 +275,7 @@ class KeyMap:
             sources = tuple(p.target for p in parts)
             entries.append(_flip(parts[0], sources, key, op, tuple(p.target_shape for p in parts),
                                  parts[0].source_shapes[0]))
-        return KeyMap(entries=tuple(entries), model=self.checkpoint, checkpoint=self.model)
+        return KeyMap(entries=tuple(entries), unused=tuple(made_up), model=self.checkpoint, checkpoint=self.model)
 
     def to_json(self) -> dict[str, Any]:
         """The versioned JSON document (see the README for the schema)."""
@@ -520,7 +528,10 @@ def _parse_entry(raw: object, where: str) -> Entry:
     if not isinstance(raw, dict):
         raise MappingFileError(f"{where}: expected an object, got {raw!r}")
     source, target = raw.get("source"), raw.get("target")
-    if not isinstance(source, list) or not source or not all(isinstance(s, str) for s in source):
+    zeros = isinstance(raw.get("op"), dict) and raw["op"].get("kind") == "zeros"  # made from nothing: no source
+    if zeros and source != []:
+        raise MappingFileError(f"{where}.source: a zeros entry takes no source, got {source!r}")
+    if not zeros and (not isinstance(source, list) or not source or not all(isinstance(s, str) for s in source)):
         raise MappingFileError(f"{where}.source: expected a non-empty list of keys, got {source!r}")
     if not isinstance(target, str) or not target:
         raise MappingFileError(f"{where}.target: expected a key, got {target!r}")
@@ -553,7 +564,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _check_numel(op: Op, source_shapes: tuple[tuple[int, ...], ...], target: tuple[int, ...], where: str) -> None:
     """An op must preserve the element count; a mapping that does not is malformed, not merely wrong."""
-    if op.kind in ("concat", "stack"):
+    if op.kind == "zeros":
+        ok = not source_shapes
+    elif op.kind in ("concat", "stack"):
         ok = sum(_numel(s) for s in source_shapes) == _numel(target) and bool(op.sizes)
         ok = ok and (op.kind == "concat" or len(source_shapes) % len(op.sizes) == 0)
     elif op.kind == "unstack":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from rapidfuzz import fuzz
@@ -51,6 +51,9 @@ class Pairing:
     name_score: float
     cluster: str = ""
     note: str = ""
+    zeros: tuple[Leaf, ...] = ()
+    """Model tensors beside ``target`` that no checkpoint tensor fills and that are made as zeros (a ``Linear``'s
+    bias, when its weight comes from a bare matrix)."""
 
 
 def shape_relation(src: Sequence[int], dst: Sequence[int]) -> str | None:
@@ -152,23 +155,71 @@ def _last_token_of(template: str) -> str:
     return tokens[-1] if tokens else ""
 
 
-def _fuse(units: list[Unit], fused: str, parts: tuple[str, ...]) -> list[Unit]:
-    """Replace each complete set of sibling part units (q, k, v) by one virtual unit that concatenates them."""
+_EXPANSIONS = {fused: parts for fused, parts in FUSIONS}
+
+
+def _tiling(found: dict[str, Unit], fused: str, parts: tuple[str, ...]) -> list[Unit] | None:
+    """Sibling units whose parts, in the order the names give, are exactly ``parts``: ``q, k, v`` or ``q, kv`` for
+    ``qkv``; None when they are not (a part missing or held twice)."""
+    members = sorted((u for t, u in found.items() if t != fused),
+                     key=lambda u: parts.index(_EXPANSIONS.get(_last_token(u), (_last_token(u),))[0]))
+    laid = [p for u in members for p in _EXPANSIONS.get(_last_token(u), (_last_token(u),))]
+    return members if len(members) >= 2 and tuple(laid) == parts else None
+
+
+def _part_tokens(fused: str, parts: tuple[str, ...]) -> set[str]:
+    """The tokens that can stand for some of ``parts``: the parts themselves and smaller fusions of them (``kv``)."""
+    known = [*((p, (p,)) for p in parts), *_EXPANSIONS.items()]
+    return {t for t, exp in known if t != fused and set(exp) <= set(parts)}
+
+
+def _siblings(units: list[Unit], tokens: set[str]) -> dict[str, dict[str, Unit]]:
     by_parent: dict[str, dict[str, Unit]] = defaultdict(dict)
     for u in units:
         last = _last_token(u)
-        if last in parts:
+        if last in tokens:
             by_parent[u.path.rpartition(".")[0]][last] = u
+    return by_parent
+
+
+def _repeated(unit: Unit) -> bool:
+    """Whether a unit sits in a repeated container (its template has an index slot): the blocks, not the head."""
+    return SLOT in unit.template
+
+
+def _fusion_sites(units: list[Unit], fused: str, parts: tuple[str, ...]) -> tuple[set[bool], set[bool]]:
+    """Where a side keeps ``fused`` whole and where it keeps its parts apart, as two sets of ``_repeated`` values."""
+    whole = {_repeated(u) for u in units if _last_token(u) == fused}
+    apart = {_repeated(next(iter(found.values())))
+             for found in _siblings(units, _part_tokens(fused, parts)).values() if _tiling(found, fused, parts)}
+    return whole, apart
+
+
+def _fuse(units: list[Unit], fused: str, parts: tuple[str, ...], repeated: bool) -> list[Unit]:
+    """Replace each set of sibling units that tile ``parts`` (q, k, v; or q, kv) by one virtual unit concatenating
+    the tensors they all hold; only in repeated containers, or only outside them.
+
+    Parts may hold different tensors: q and v with a bias, k without (BEiT). The tensors every part has (the
+    weights) are fused; the others stay behind as units of their own (``query`` holding its bias), which the
+    other side's per-part tensors (``q_bias``) pair with by name.
+    """
     consumed: set[str] = set()
-    virtual: list[Unit] = []
-    for parent, found in by_parent.items():
-        if set(found) != set(parts):
+    made: list[Unit] = []
+    for parent, found in _siblings(units, _part_tokens(fused, parts)).items():
+        members = _tiling(found, fused, parts)
+        if members is None or _repeated(members[0]) != repeated:
             continue
-        members = [found[p] for p in parts]
-        names = {tuple(lf.name for lf in m.leaves) for m in members}
-        trailing = {tuple(lf.shape[2:] if m.stack else lf.shape[1:] for lf in m.leaves) for m in members}
-        if len(names) != 1 or len(trailing) != 1 or any(not lf.shape for m in members for lf in m.leaves):
+        common = set.intersection(*({lf.name for lf in m.leaves} for m in members))
+        pieces = [tuple(lf for lf in m.leaves if lf.name in common) for m in members]
+        trailing = {tuple(lf.shape[2:] if m.stack else lf.shape[1:] for lf in ls)
+                    for m, ls in zip(members, pieces, strict=True)}
+        if not common or len(trailing) != 1 or any(not lf.shape for ls in pieces for lf in ls):
             continue
+        # what only some parts hold (q and v biases) stays behind, as a unit of that part's own
+        made.extend(replace(m, leaves=tuple(lf for lf in m.leaves if lf.name not in common))
+                    for m, ls in zip(members, pieces, strict=True) if len(ls) < len(m.leaves))
+        consumed.update(m.path for m in members)
+        members = [replace(m, leaves=ls) for m, ls in zip(members, pieces, strict=True)]
         stack = members[0].stack
         if stack:
             # stacked parts concatenate inside each expert: keys interleave expert by expert (g0, u0, g1, u1...)
@@ -185,11 +236,10 @@ def _fuse(units: list[Unit], fused: str, parts: tuple[str, ...]) -> list[Unit]:
             )
         tpl = members[0].template.rpartition(".")[0] + "." + fused
         path = f"{parent}.{{{','.join(m.path.rpartition('.')[2] for m in members)}}}"
-        virtual.append(Unit(path=path, leaves=leaves, template=tpl, indices=members[0].indices,
-                            position=min(m.position for m in members), parts=tuple(members), stack=stack))
-        consumed.update(m.path for m in members)
+        made.append(Unit(path=path, leaves=leaves, template=tpl, indices=members[0].indices,
+                         position=min(m.position for m in members), parts=tuple(members), stack=stack))
     kept = [u for u in units if u.path not in consumed]
-    return sorted(kept + virtual, key=lambda u: u.position)
+    return sorted(kept + made, key=lambda u: u.position)
 
 
 def _expert_split(path: str) -> tuple[str, int, str] | None:
@@ -246,16 +296,21 @@ def apply_stacking(src: list[Unit], dst: list[Unit]) -> tuple[list[Unit], list[U
 
 
 def apply_fusions(src: list[Unit], dst: list[Unit]) -> tuple[list[Unit], list[Unit]]:
-    """Fuse separate parts on whichever side keeps them separate while the other side keeps them fused."""
-    src_last, dst_last = _last_tokens(src), _last_tokens(dst)
+    """Fuse separate parts on whichever side keeps them separate while the other side keeps them fused.
+
+    Decided apart for repeated containers (the blocks) and for the rest (a pooling head): an encoder may keep q, k
+    and v apart while its attention-pooling head holds one ``in_proj``, and the other library the reverse.
+    """
     for fused, parts in FUSIONS:
-        wanted = set(parts)
-        if fused in dst_last and fused not in src_last and wanted <= src_last and not wanted & dst_last:
-            src = _fuse(src, fused, parts)
-            src_last = _last_tokens(src)
-        elif fused in src_last and fused not in dst_last and wanted <= dst_last and not wanted & src_last:
-            dst = _fuse(dst, fused, parts)
-            dst_last = _last_tokens(dst)
+        if fused not in _last_tokens(src) | _last_tokens(dst):
+            continue  # the common case, read per template: nothing is fused on either side
+        src_whole, src_apart = _fusion_sites(src, fused, parts)
+        dst_whole, dst_apart = _fusion_sites(dst, fused, parts)
+        for repeated in (True, False):
+            if repeated in dst_whole - src_whole and repeated in src_apart - dst_apart:
+                src = _fuse(src, fused, parts, repeated)
+            elif repeated in src_whole - dst_whole and repeated in dst_apart - src_apart:
+                dst = _fuse(dst, fused, parts, repeated)
     return src, dst
 
 
@@ -501,8 +556,66 @@ def _match_clusters(src: list[Cluster], dst: list[Cluster]) -> tuple[list[Pairin
 
 # ------------------------------------------------------------------------------------------------------ order
 
-def _align(src: list[Unit], dst: list[Unit]) -> tuple[list[tuple[int, int, float]], dict[tuple[int, int], float]]:
-    """Best monotone alignment of two unit sequences; pairs must be compatible.
+def _blocks_of(unit: Unit) -> list[str]:
+    """The repeated blocks a unit sits in, outermost first: its path cut after each index (``stages.1``,
+    ``stages.1.blocks.0``); none for a unit outside every repeat (a head, the embeddings)."""
+    path = unit.path.split(".")
+    return [".".join(path[: n + 1]) for n, token in enumerate(unit.template.split(".")) if SLOT in token]
+
+
+class _Blocks:
+    """The repeated blocks that whole clusters were matched in, on each side (``encoder.layers.{0..11}`` and
+    ``blocks.{0..11}``): a pairing made on order or uniqueness does not cross between such a block and a part of
+    the model that is not repeated at all, so that no tensor of the encoder's blocks goes into a head, a pooler or
+    the embeddings, nor the other way. Repeated parts that no cluster pairing reached (torchvision's stem kept as
+    ``features.0``, its downsampling as ``features.2``) are free to pair with either. So is a part of the model
+    that runs before every matched block (a stem or patch embedding, which a checkpoint may keep as its first
+    block's: ``encoder.layers.0.patch_embedding`` -> ``patch_embed``); a head runs after them."""
+
+    INSIDE, LOOSE, SINGLE, LEAD = "inside", "loose", "single", "lead"
+
+    def __init__(self, pairings: Sequence[Pairing]) -> None:
+        self.blocks: tuple[set[str], set[str]] = (set(), set())
+        self._states: dict[tuple[int, int], str] = {}  # (id(unit), side) -> state: asked once per compatible pair
+        self.first = None  # the model's run position where its matched blocks start
+        for p in pairings:
+            a, b = _blocks_of(p.source), _blocks_of(p.target)
+            if a and b:
+                self.blocks[0].update(a)
+                self.blocks[1].update(b)
+                self.first = p.target.position if self.first is None else min(self.first, p.target.position)
+
+    def state(self, unit: Unit, side: int) -> str:
+        """``inside`` a matched block, ``loose`` (repeated, in no matched block) or ``single`` (not repeated), for
+        a unit of the checkpoint (side 0) or the model (side 1)."""
+        found = self._states.get((id(unit), side))
+        if found is None:
+            blocks = _blocks_of(unit)
+            found = self.SINGLE if not blocks else self.INSIDE if any(b in self.blocks[side] for b in blocks) \
+                else self.LOOSE
+            if found == self.SINGLE and side == 1 and self.first is not None and unit.position < self.first:
+                found = self.LEAD
+            self._states[id(unit), side] = found
+        return found
+
+    @classmethod
+    def allowed(cls, a: str, b: str) -> bool:
+        """Whether units in these states may be paired."""
+        return {a, b} != {cls.INSIDE, cls.SINGLE}
+
+    def states(self, s: Unit, t: Unit) -> tuple[str, str]:
+        """The states of a checkpoint unit and a model unit."""
+        return self.state(s, 0), self.state(t, 1)
+
+    def same_side(self, s: Unit, t: Unit) -> bool:
+        """Whether a checkpoint unit and a model unit may be paired on order or uniqueness."""
+        return self.allowed(self.state(s, 0), self.state(t, 1))
+
+
+def _align(src: list[Unit], dst: list[Unit], blocks: _Blocks | None = None
+           ) -> tuple[list[tuple[int, int, float]], dict[tuple[int, int], float]]:
+    """Best monotone alignment of two unit sequences; pairs must be compatible (and, given ``blocks``, on the same
+    side of the matched blocks' boundary).
 
     Returns:
         ``(i, j, gain)`` for each aligned pair, and the gain of every compatible pair.
@@ -514,6 +627,8 @@ def _align(src: list[Unit], dst: list[Unit]) -> tuple[list[tuple[int, int, float
         by_sig[t.signature].append(j)
     for i, s in enumerate(src):
         for j in by_sig.get(s.signature, ()):
+            if blocks is not None and not blocks.same_side(s, dst[j]):
+                continue
             if unit_relation(s, dst[j]) is not None:
                 # the same index values are evidence too: block 3 goes to block 3 when nothing else decides
                 same_index = 0.2 if s.indices and s.indices == dst[j].indices else 0.0
@@ -579,6 +694,8 @@ class _Soft:
     source: Unit
     target: Unit
     method: str
+    states: tuple[str, str] = ("", "")
+    """Where the two units sit against the matched blocks (``_Blocks.state``); swaps keep to pairs alike."""
 
 
 def _ancestors(unit: Unit) -> list[str]:
@@ -628,7 +745,7 @@ def _swaps(soft: list[_Soft]) -> list[tuple[int, int]]:
     """Pairs of same-shaped soft pairings, near each other in source order, whose units could trade partners."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for n in sorted(range(len(soft)), key=lambda n: soft[n].source.position):
-        groups[soft[n].source.signature].append(n)
+        groups[soft[n].source.signature, soft[n].states].append(n)
     out = []
     for members in groups.values():
         for x, a in enumerate(members):
@@ -698,21 +815,26 @@ def _profile(unit: Unit) -> tuple[tuple[str, tuple[int, ...], str], ...]:
     return tuple((lf.name, lf.shape, lf.dtype) for lf in unit.leaves)
 
 
-def _unique_pairs(src: list[Unit], dst: list[Unit]) -> list[tuple[int, int]]:
+def _unique_pairs(src: list[Unit], dst: list[Unit], blocks: _Blocks | None = None) -> list[tuple[int, int]]:
     """Pairs ``(i, j)`` where ``dst[j]`` is the only unit ``src[i]`` fits and ``src[i]`` the only one fitting it.
 
-    Compatibility depends on leaf profiles only, so it is decided once per pair of distinct profiles and the
-    partners are counted per profile: linear in the units (100,000 experts share a handful of profiles).
+    Compatibility depends on leaf profiles (and the side of the matched blocks' boundary) only, so it is decided
+    once per pair of distinct profiles and the partners are counted per profile: linear in the units (100,000
+    experts share a handful of profiles).
     """
-    src_of, dst_groups = [_profile(s) for s in src], defaultdict(list)
+    def profile(u: Unit, side: int) -> tuple:
+        return (*_profile(u), blocks.state(u, side) if blocks is not None else "")
+
+    src_of, dst_groups = [profile(s, 0) for s in src], defaultdict(list)
     for j, t in enumerate(dst):
-        dst_groups[_profile(t)].append(j)
+        dst_groups[profile(t, 1)].append(j)
     src_count: dict[tuple, int] = defaultdict(int)
     first: dict[tuple, int] = {}
     for i, p in enumerate(src_of):
         src_count[p] += 1
         first.setdefault(p, i)
-    fits = {p: [q for q, js in dst_groups.items() if unit_relation(src[first[p]], dst[js[0]]) is not None]
+    fits = {p: [q for q, js in dst_groups.items()
+                if _Blocks.allowed(p[-1], q[-1]) and unit_relation(src[first[p]], dst[js[0]]) is not None]
             for p in first}
     back: dict[tuple, int] = defaultdict(int)
     for p, qs in fits.items():
@@ -916,24 +1038,28 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
     paired = {id(p.source) for p in pairings} | {id(p.target) for p in pairings} | {id(u) for u in reserved}
     left_src = [u for u in src if id(u) not in paired]
     left_dst = [u for u in dst if id(u) not in paired]
+    bare: list[Pairing] = []
     if left_src and left_dst:
+        blocks = _Blocks(pairings)
         soft: list[_Soft] = []
         clean = False
         if len(left_src) * len(left_dst) <= MAX_ORDER_CELLS:
             # a sort by name can put one part after its sibling where the model has it before (``f.c`` < ``f.se``
             # but conv3 follows se): a second alignment of what the first left over picks those parts up in order
             for round_ in range(3):
-                aligned, _ = _align(left_src, left_dst)
+                aligned, _ = _align(left_src, left_dst, blocks)
                 if not aligned:
                     break
                 clean = clean or (round_ == 0 and len(aligned) == len(left_src) == len(left_dst))
-                soft += [_Soft(left_src[i], left_dst[j], "order") for i, j, _ in aligned]
+                soft += [_Soft(left_src[i], left_dst[j], "order", blocks.states(left_src[i], left_dst[j]))
+                         for i, j, _ in aligned]
                 taken_s, taken_d = {i for i, _, _ in aligned}, {j for _, j, _ in aligned}
                 left_src = [u for i, u in enumerate(left_src) if i not in taken_s]
                 left_dst = [u for j, u in enumerate(left_dst) if j not in taken_d]
         else:
             notes.append(f"{len(left_src)} x {len(left_dst)} unmatched units: too many to align by order")
-        soft += [_Soft(left_src[i], left_dst[j], "unique") for i, j in _unique_pairs(left_src, left_dst)]
+        soft += [_Soft(left_src[i], left_dst[j], "unique", blocks.states(left_src[i], left_dst[j]))
+                 for i, j in _unique_pairs(left_src, left_dst, blocks)]
         _repair(pairings, soft, file_order)
         undecided = _undecided(pairings, soft, file_order)
         for n, p in enumerate(soft):
@@ -951,7 +1077,59 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
         taken = {id(p.source) for p in pairings} | {id(p.target) for p in pairings}
         left_src = [u for u in left_src if id(u) not in taken]
         left_dst = [u for u in left_dst if id(u) not in taken]
+        bare = _bare_matrices(left_src, left_dst, blocks)
+        notes += [f"{lf.keys[0]} has no tensor in the checkpoint: made as zeros beside {p.source.path}, a bare matrix "
+                  f"(used as x @ {p.source.path.rpartition('.')[2]}, no bias)" for p in bare for lf in p.zeros]
+        left_src = [u for u in left_src if all(u is not p.source for p in bare)]
+        left_dst = [u for u in left_dst if all(u.path != p.target.path for p in bare)]
     followers = _Followers(pairings, dst)
     followers.repair()
     followers.decide(0.5)
-    return _role_ambiguous(followers.pairings, followers, file_order), left_src, left_dst, notes
+    # a bare matrix's pairing carries the zeros beside it; dataflow and role checks are about other pairings
+    return _role_ambiguous(followers.pairings, followers, file_order) + bare, left_src, left_dst, notes
+
+
+def _linear(unit: Unit) -> tuple[Leaf, Leaf] | None:
+    """``(weight, bias)`` of a model unit that is a ``Linear`` (a 2-D weight, a bias of its output size)."""
+    if [lf.name for lf in unit.leaves] != ["bias", "weight"]:
+        return None
+    bias, weight = unit.leaves
+    return (weight, bias) if len(weight.shape) == 2 and bias.shape == weight.shape[:1] else None
+
+
+def _bare_matrix(unit: Unit) -> Leaf | None:
+    """The tensor of a checkpoint unit that is one bare 2-D parameter (``visual.proj``, used as ``x @ proj``)."""
+    if len(unit.leaves) != 1 or unit.stack or unit.parts:
+        return None
+    (leaf,) = unit.leaves
+    return leaf if len(leaf.shape) == 2 and leaf.keys == (unit.path,) else None
+
+
+def _bare_matrices(src: list[Unit], dst: list[Unit], blocks: _Blocks) -> list[Pairing]:
+    """A model ``Linear`` whose only counterpart is a bare matrix of the checkpoint: the matrix becomes the weight
+    (transposed when its shape says so) and the bias is made as zeros, which is what ``x @ proj`` computes.
+
+    Only one to one (the matrix fits no other ``Linear``, the ``Linear`` no other matrix), on one side of the
+    matched blocks' boundary, and only when no tensor left in the checkpoint could be the bias. A square matrix
+    cannot show whether it is stored ``[in, out]``: such a pairing is proposed as ambiguous, not applied.
+    """
+    linears = [(u, lin) for u in dst if (lin := _linear(u)) is not None]
+    matrices = [(u, m) for u in src if (m := _bare_matrix(u)) is not None]
+    fits = [(s, m, t, lin) for s, m in matrices for t, lin in linears
+            if shape_relation(m.shape, lin[0].shape) in ("same", "transpose") and blocks.same_side(s, t)]
+    out = []
+    for s, m, t, (weight, bias) in fits:
+        if sum(x[0] is s for x in fits) != 1 or sum(x[2] is t for x in fits) != 1:
+            continue
+        if any(shape_relation(lf.shape, bias.shape) for u in src if u is not s for lf in u.leaves):
+            continue  # a checkpoint tensor could be the bias: not made up
+        square = weight.shape[0] == weight.shape[1]
+        note = (f"bias made as zeros: {m.keys[0]} is a bare matrix (used as x @ {m.keys[0].rpartition('.')[2]}, "
+                "no bias) and no checkpoint tensor fits the bias")
+        if square:
+            note = f"ambiguous: {m.keys[0]} is square, so its shape cannot show whether it is stored [in, out]; {note}"
+        # the model unit's weight alone is the target; its bias is listed to be made as zeros
+        target = replace(t, leaves=(weight,))
+        g = name_similarity(s.template, t.template)
+        out.append(Pairing(s, target, "unique", 0.35 if square else 0.75, g, "", note, zeros=(bias,)))
+    return out

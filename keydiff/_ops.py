@@ -1,8 +1,10 @@
-"""Tensor operations a mapping entry applies: rename, reshape, transpose, concat, split, stack, unstack.
+"""Tensor operations a mapping entry applies: rename, reshape, transpose, concat, split, stack, unstack, zeros.
 
 ``stack`` builds a tensor packed over experts from per-expert tensors (each element the concatenation of ``sizes``
 parts along ``dim``); ``unstack`` takes part ``index`` (expert ``index // len(sizes)``, part ``index % len(sizes)``)
-back out of one.
+back out of one. ``zeros`` has no source: it fills a tensor the checkpoint does not hold with zeros of ``dtype``
+(the bias of a ``Linear`` whose weight came from a bare matrix used as ``x @ proj``, which has none); an entry
+with it always says why in its evidence.
 
 An op is a value: it describes itself, serialises to JSON, and applies to tensors. ``out_shape`` lets the planner
 know the result's shape before any tensor is read.
@@ -21,8 +23,10 @@ if TYPE_CHECKING:
 
 __all__ = ["OP_KINDS", "Op", "OpKind"]
 
-OpKind = Literal["rename", "reshape", "transpose", "concat", "split", "stack", "unstack"]
-OP_KINDS: tuple[str, ...] = ("rename", "reshape", "transpose", "concat", "split", "stack", "unstack")
+OpKind = Literal["rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros"]
+OP_KINDS: tuple[str, ...] = ("rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros")
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+"""Dtypes a ``zeros`` op may fill with."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,13 +39,15 @@ class Op:
     """
 
     kind: OpKind
-    """One of ``rename reshape transpose concat split stack unstack``."""
+    """One of ``rename reshape transpose concat split stack unstack zeros``."""
     dim: int = 0
     """Dimension concatenated or split along (within each expert, for ``stack``/``unstack``)."""
     index: int = 0
     """For ``split`` and ``unstack``: which part this target is."""
     sizes: tuple[int, ...] = ()
     """For ``split``, ``concat``, ``stack``, ``unstack``: size of each part along ``dim``."""
+    dtype: str = ""
+    """For ``zeros``: the dtype of the tensor it makes (that of the tensors beside it), ``float32`` if empty."""
 
     def describe(self) -> str:
         """A short human description."""
@@ -54,12 +60,16 @@ class Op:
         if self.kind == "unstack":
             n = len(self.sizes)
             return f"unstack expert {self.index // n}" + (f", part {self.index % n}" if n > 1 else "")
+        if self.kind == "zeros":
+            return "zeros (no source)"
         return self.kind
 
     def apply(self, tensors: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
         """Compute the target tensor of the given shape from the source tensors."""
         import torch
 
+        if self.kind == "zeros":
+            return torch.zeros(tuple(shape), dtype=getattr(torch, self.dtype or "float32"))
         if self.kind == "concat":
             out = torch.cat(list(tensors), self.dim)
         elif self.kind == "stack":
@@ -83,6 +93,8 @@ class Op:
             out.update(dim=self.dim, sizes=list(self.sizes))
         if self.kind in ("split", "unstack"):
             out["index"] = self.index
+        if self.kind == "zeros":
+            out["dtype"] = self.dtype or "float32"
         return out
 
     @classmethod
@@ -98,7 +110,10 @@ class Op:
             raise MappingFileError(f"{where}: dim and index must be integers, got {dim!r}, {index!r}")
         if data["kind"] == "split" and not 0 <= index < len(sizes):
             raise MappingFileError(f"{where}.index: {index} is not a part of sizes {sizes}")
-        return cls(kind=data["kind"], dim=dim, index=index, sizes=tuple(sizes))
+        dtype = data.get("dtype", "float32") if data["kind"] == "zeros" else ""
+        if data["kind"] == "zeros" and dtype not in _DTYPES:
+            raise MappingFileError(f"{where}.dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
+        return cls(kind=data["kind"], dim=dim, index=index, sizes=tuple(sizes), dtype=dtype)
 
 
 RENAME = Op(kind="rename")

@@ -384,9 +384,9 @@ class _Repair:
         for n, src in enumerate(self._mixed(module)):
             change, how = {}, {}
             for e in mine:
-                have = e.source[0]
-                if len(e.source) != 1 or _module(have) == src:
+                if len(e.source) != 1 or _module(e.source[0]) == src:  # a zeros entry has no source
                     continue
+                have = e.source[0]
                 want = f"{src}.{have.rpartition('.')[2]}"
                 if want not in self.d.checkpoint or self.d.checkpoint[want].shape != self.d.checkpoint[have].shape:
                     break

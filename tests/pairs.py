@@ -50,10 +50,10 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     Only the tensors of the state dict: a non-persistent buffer is derived, not a weight (Swin V2's
     ``relative_coords_table``), and the target rebuilds its own."""
     g = torch.Generator().manual_seed(seed)
-    stored = set(model.state_dict())
+    saved = set(model.state_dict())  # a non-persistent buffer (Swin V2's coordinates table) is the code's, not data
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if not t.is_floating_point() or name not in stored:
+            if not t.is_floating_point() or name not in saved:
                 continue
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
@@ -286,6 +286,32 @@ CORPUS_PAIRS = [
     Pair("ema_training_dict", timm_source("resnet18", layers=[1, 1, 1, 1], num_classes=3), "resnet18",
          dict(layers=[1, 1, 1, 1], num_classes=3), logits, logits, input_shape=(2, 3, 64, 64), fmt="pth",
          wrap=ema_wrap),
+]
+
+
+# --- issue 10: parts that differ, uneven splits, one tower of a multi-tower checkpoint ---------------------------
+
+HF_BEIT = dict(HF_VIT, use_relative_position_bias=True, use_absolute_position_embeddings=False,
+               use_mean_pooling=True, layer_scale_init_value=0.1, layer_norm_eps=1e-6)
+BEIT = dict(VIT)
+
+def hf_data2vec_vision() -> nn.Module:
+    from transformers import Data2VecVisionConfig, Data2VecVisionModel
+
+    return Data2VecVisionModel(Data2VecVisionConfig(**HF_BEIT), add_pooling_layer=True)
+
+
+ISSUE10_PAIRS = [
+    # q and v carry a bias, k does not: the weights fuse into qkv, the biases pair with q_bias / v_bias by name
+    Pair("hf_beit", hf("BeitConfig", "BeitModel", **HF_BEIT), "beit_base_patch16_224", BEIT, hf_pooled, pooled),
+    Pair("hf_data2vec_vision", hf_data2vec_vision, "beit_base_patch16_224", BEIT, hf_pooled, pooled),
+    Pair("hf_swinv2", hf("Swinv2Config", "Swinv2Model", image_size=64, patch_size=4, embed_dim=16, depths=[1, 2],
+                         num_heads=[1, 2], window_size=4), "swinv2_tiny_window8_256",
+         dict(img_size=64, patch_size=4, embed_dim=16, depths=(1, 2), num_heads=(1, 2), window_size=4, num_classes=0),
+         hf_pooled, pooled, input_shape=(2, 3, 64, 64)),
+    # the attention-pooling head's in_proj [3D, D] splits unevenly into timm's q [D, D] and kv [2D, D]
+    Pair("hf_siglip_map_head", hf("SiglipVisionConfig", "SiglipVisionModel", layer_norm_eps=1e-6, **HF_VIT),
+         "vit_base_patch16_siglip_224", dict(VIT, global_pool="map", act_layer="gelu_tanh"), hf_pooled, pooled),
 ]
 
 

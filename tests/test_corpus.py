@@ -85,17 +85,8 @@ def test_shallower_checkpoint_fills_only_same_index_blocks(tmp_path):
 # by entry. The xfail marks record how each pair fails on today's engine (strict: a fix shows as XPASS; then remove
 # the mark).
 
-FAILS_CLI = {
-    "hf_beit": "exit 1: qkv.weight, q_bias, v_bias stay unresolved (separate q/k/v with no k bias)",
-    "hf_data2vec_vision": "exit 1: qkv.weight, q_bias, v_bias stay unresolved (separate q/k/v with no k bias)",
-    "hf_siglip_map": "exit 1: the head's in_proj_weight goes to blocks.1.attn.qkv (conf 0.78 order), attn_pool.q/kv "
-                     "take layer 0/1's self-attention q and k+v (conf 0.75 order); blocks.0/1 qkv stay unresolved",
-    "hf_swinv2": "exit 1: qkv.weight, q_bias, v_bias of the 3 blocks stay unresolved (separate q/k/v, no k bias)",
-    "openclip_whole_clip": "exit 1: head.weight (visual.proj transposed) and head.bias (zero) stay unresolved",
-}
-FAILS_ENTRIES = {
-    "hf_siglip_map": FAILS_CLI["hf_siglip_map"],
-}
+FAILS_CLI: dict[str, str] = {}
+FAILS_ENTRIES: dict[str, str] = {}
 
 
 def _marked(pairs: list[Pair], fails: dict[str, str]) -> list:

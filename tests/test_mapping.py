@@ -29,7 +29,7 @@ def mappings(draw):
     entries = []
     n = draw(st.integers(1, 6))
     for i in range(n):
-        kind = draw(st.sampled_from(["rename", "reshape", "transpose", "concat", "split"]))
+        kind = draw(st.sampled_from(["rename", "reshape", "transpose", "concat", "split", "zeros"]))
         rows, cols = draw(st.integers(1, 4)), draw(st.integers(1, 4))
         dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
         g = torch.Generator().manual_seed(i)
@@ -38,6 +38,9 @@ def mappings(draw):
             sd[src] = torch.randn(rows, cols, generator=g).to(dtype)
             target_shape = {"rename": (rows, cols), "reshape": (1, rows * cols), "transpose": (cols, rows)}[kind]
             entries.append(_entry([src], f"dst.{i}.w", Op(kind=kind), [(rows, cols)], target_shape))
+        elif kind == "zeros":
+            name = str(dtype).removeprefix("torch.")
+            entries.append(_entry([], f"dst.{i}.bias", Op(kind="zeros", dtype=name), [], (rows,)))
         elif kind == "concat":
             parts = draw(st.integers(2, 3))
             keys = [f"src.{i}.{p}.w" for p in range(parts)]

@@ -147,6 +147,49 @@ def test_position_embedding_size_differences_are_named():
     assert any("by grid size" in dg.message for dg in grid.diagnoses)
 
 
+def test_order_and_uniqueness_do_not_carry_a_block_tensor_into_the_head():
+    """Issue 10: the blocks are matched as clusters; a tensor left over inside a matched block (an extra norm of
+    block 1) must not fill the head's norm, the only other tensor of its shape, nor the reverse."""
+    names = {"norm1": "ln_1", "norm2": "ln_2", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}
+    model = ks([*vit_keys("blocks", 2), ("head.norm.weight", (8,)), ("head.norm.bias", (8,))])
+    ckpt = ks([*vit_keys("encoder.layers", 2, names=names), ("encoder.layers.1.extra_ln.weight", (8,)),
+               ("encoder.layers.1.extra_ln.bias", (8,))])
+    d = compare_keys(model, ckpt)
+    assert {e.target for e in d.mapping.entries} == {k for k, _ in vit_keys("blocks", 2)}
+    assert {m.key for m in d.mapping.missing} == {"head.norm.weight", "head.norm.bias"}
+    # the same head norm outside any block is paired: the constraint is about the boundary, not about heads
+    ckpt = ks([*vit_keys("encoder.layers", 2, names=names), ("pooler.ln.weight", (8,)), ("pooler.ln.bias", (8,))])
+    got = {e.target: e.source[0] for e in compare_keys(model, ckpt).mapping.entries}
+    assert got["head.norm.weight"] == "pooler.ln.weight"
+
+
+def test_uneven_split_of_in_proj_into_q_and_kv_follows_the_names():
+    d_ = 4
+    model = ks([("attn_pool.q.weight", (d_, d_)), ("attn_pool.kv.weight", (2 * d_, d_))])
+    ckpt = ks([("head.attention.in_proj_weight", (3 * d_, d_))])
+    entries = compare_keys(model, ckpt).mapping.entries
+    assert [(e.target, e.op.kind, e.op.index, e.op.sizes) for e in entries] == [
+        ("attn_pool.q.weight", "split", 0, (d_, 2 * d_)), ("attn_pool.kv.weight", "split", 1, (d_, 2 * d_))]
+    # and the reverse: q and kv concatenate into one in_proj
+    (entry,) = compare_keys(ckpt, model).mapping.entries
+    assert entry.op.kind == "concat" and entry.source == ("attn_pool.q.weight", "attn_pool.kv.weight")
+
+
+def test_partial_biases_beside_a_fused_weight_pair_by_name():
+    d_ = 4
+    model = ks([("blocks.0.attn.q_bias", (d_,)), ("blocks.0.attn.v_bias", (d_,)),
+                ("blocks.0.attn.qkv.weight", (3 * d_, d_))])
+    ckpt = ks([("layers.0.attention.query.weight", (d_, d_)), ("layers.0.attention.query.bias", (d_,)),
+               ("layers.0.attention.key.weight", (d_, d_)), ("layers.0.attention.value.weight", (d_, d_)),
+               ("layers.0.attention.value.bias", (d_,))])
+    d = compare_keys(model, ckpt)
+    assert d.ok and not d.mapping.unused
+    got = {e.target: (e.source, e.op.kind) for e in d.mapping.entries}
+    assert got["blocks.0.attn.q_bias"] == (("layers.0.attention.query.bias",), "rename")
+    assert got["blocks.0.attn.v_bias"] == (("layers.0.attention.value.bias",), "rename")
+    assert got["blocks.0.attn.qkv.weight"][1] == "concat"
+
+
 @pytest.mark.parametrize("holes", [False, True])
 def test_pair_cache_gives_what_members_and_quality_give(holes):
     """The per-case cache of cluster pairing (index sets and leaf profiles repeat) against the direct answers."""

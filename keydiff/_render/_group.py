@@ -108,7 +108,7 @@ def group_entries(entries: Iterable[Entry]) -> list[EntryGroup]:
             _with_leaves(fill_template(head, list(dict.fromkeys(ix[i] for c, _, _ in members for ix in c.sources))),
                          [leaves[i] for _, leaves, _ in members])
             for i, head in enumerate(s_heads)
-        )
+        ) or "(none)"
         target = _with_leaves(fill_template(t_head, list(dict.fromkeys(ix for c, _, _ in members for ix in c.targets))),
                               [leaf for _, _, leaf in members])
         out.append(EntryGroup(source=source, target=target, op=op, method=method,

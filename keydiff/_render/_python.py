@@ -5,8 +5,8 @@ The generated module needs only ``re`` and ``torch``: a user pastes it into thei
 - ``CONTAINER`` and the wrapper prefix to remove, when the checkpoint has them;
 - ``RULES``: anchored regex renames (``compress_rules`` over the prefix-free keys), whose order does not matter;
 - per-key tables for what the rules do not cover: ``RENAMES``, ``RESHAPED`` (with the target shape), ``TRANSPOSED``,
-  ``FUSED`` (q/k/v concatenated), ``SPLIT`` (a fused tensor cut into parts), and ``DROPPED`` (tensors the model has
-  no place for);
+  ``FUSED`` (q/k/v concatenated), ``SPLIT`` (a fused tensor cut into parts), ``ZEROS`` (tensors the checkpoint does
+  not hold, made as zeros, each with the mapping's reason), and ``DROPPED`` (tensors the model has no place for);
 - keys the model names as the checkpoint does pass through unchanged.
 
 Which keys the rules cover is decided by running the generated routing here, key by key, so the tables hold exactly
@@ -132,7 +132,7 @@ def emit_python(mapping: KeyMap, *, version: str = "") -> str:
     compiled = [(re.compile(r.pattern), _replacement(r.replace)) for r in rules]
     tables: dict[str, list[tuple[str, Sequence[str] | str]]] = {k: [] for k in
                                                                  ("RENAMES", "RESHAPED", "TRANSPOSED", "FUSED",
-                                                                  "SPLIT", "SHAPES")}
+                                                                  "SPLIT", "ZEROS", "SHAPES")}
     used_rules: set[int] = set()
     for e in entries:
         target, src = _str(e.target), [_str(k) for k in e.source]
@@ -149,6 +149,9 @@ def emit_python(mapping: KeyMap, *, version: str = "") -> str:
             tables["TRANSPOSED"].append((target, src[0]))
         elif kind == "concat":
             tables["FUSED"].append((target, [_tuple(src), str(e.op.dim)]))
+        elif kind == "zeros":
+            tables["ZEROS"].append((target, [_tuple([str(d) for d in e.target_shape]),
+                                             f"torch.{e.op.dtype or 'float32'}", _str(e.evidence.note or "zeros")]))
         else:
             tables["SPLIT"].append((target, [src[0], str(e.op.dim), _tuple([str(s) for s in e.op.sizes]),
                                              str(e.op.index)]))
@@ -213,6 +216,7 @@ def _module(mapping: KeyMap, rules: Sequence[Rule], tables: dict, dropped: Seque
         "TRANSPOSED": "target key: checkpoint key of the transposed 2-D tensor.",
         "FUSED": "target key: (checkpoint keys, dim), concatenated in this order (q, k, v).",
         "SPLIT": "target key: (checkpoint key, dim, part sizes, part), one part of a fused tensor.",
+        "ZEROS": "target key: (shape, dtype, why), a tensor the checkpoint does not hold, made as zeros.",
         "SHAPES": "target key: shape, for ops whose result is then reshaped.",
     }
     for table, items in tables.items():
@@ -256,7 +260,7 @@ def _function(mapping: KeyMap, rules: bool, tables: dict, dropped: bool) -> list
         ]
     key_expr = "_name(k)" if name else "k"
     tensors = f"{{{key_expr}: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}}"
-    explicit = [t for t in ("FUSED", "SPLIT", "TRANSPOSED", "RESHAPED", "RENAMES") if tables[t]]
+    explicit = [t for t in ("FUSED", "SPLIT", "TRANSPOSED", "RESHAPED", "RENAMES", "ZEROS") if tables[t]]
     if not explicit and not dropped and not rules:
         return [*out, f"    return {tensors}"]
     out.append(f"    state_dict = {tensors}")
@@ -291,6 +295,8 @@ _BODY = {
     "RESHAPED": ["    for target, (source, shape) in RESHAPED.items():",
                  "        out[target] = state_dict[source].reshape(shape)",
                  "        taken.add(source)"],
+    "ZEROS": ["    for target, (shape, dtype, _why) in ZEROS.items():",
+              "        out[target] = torch.zeros(shape, dtype=dtype)"],
     "RENAMES": ["    for target, source in RENAMES.items():",
                 "        out[target] = state_dict[source]",
                 "        taken.add(source)"],
