@@ -33,6 +33,8 @@ MIN_CLUSTER_SCORE = 0.3
 """Below this a cluster pair is not taken on names and shapes alone."""
 STRONG_NAME = 0.75
 """A cluster pair with rivals of the same shape is taken on names only from this name score up."""
+SPARSE_ORDER = 0.5
+"""An order alignment that reaches fewer than this share of the model's leftover parts is not evidence."""
 MAX_ORDER_CELLS = 4_000_000
 """Largest alignment table the order step builds (units x units)."""
 
@@ -629,6 +631,8 @@ def _align(src: list[Unit], dst: list[Unit], blocks: _Blocks | None = None
         for j in by_sig.get(s.signature, ()):
             if blocks is not None and not blocks.same_side(s, dst[j]):
                 continue
+            if s.template == dst[j].template and s.indices != dst[j].indices:
+                continue  # the same part of another block: renumbering is the cluster step's, never position's
             if unit_relation(s, dst[j]) is not None:
                 # the same index values are evidence too: block 3 goes to block 3 when nothing else decides
                 same_index = 0.2 if s.indices and s.indices == dst[j].indices else 0.0
@@ -845,8 +849,9 @@ def _unique_pairs(src: list[Unit], dst: list[Unit], blocks: _Blocks | None = Non
     for i, p in enumerate(src_of):
         if forward[p] == 1:
             (q,) = fits[p]
-            if back[q] == 1:
-                out.append((i, dst_groups[q][0]))
+            s, t = src[i], dst[dst_groups[q][0]]
+            if back[q] == 1 and not (s.template == t.template and s.indices != t.indices):
+                out.append((i, dst_groups[q][0]))  # (never the same part of another block: see _align)
     return out
 
 
@@ -1043,6 +1048,7 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
         blocks = _Blocks(pairings)
         soft: list[_Soft] = []
         clean = False
+        wanted = len(left_dst)
         if len(left_src) * len(left_dst) <= MAX_ORDER_CELLS:
             # a sort by name can put one part after its sibling where the model has it before (``f.c`` < ``f.se``
             # but conv3 follows se): a second alignment of what the first left over picks those parts up in order
@@ -1062,11 +1068,17 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
                  for i, j in _unique_pairs(left_src, left_dst, blocks)]
         _repair(pairings, soft, file_order)
         undecided = _undecided(pairings, soft, file_order)
+        ordered = sum(p.method == "order" for p in soft)
+        sparse = ordered < SPARSE_ORDER * wanted
         for n, p in enumerate(soft):
             g = name_similarity(p.source.template, p.target.template)
             if n in undecided:
                 confidence = 0.35
                 note = "ambiguous: a same-shaped neighbour could take its place and nothing decides which"
+            elif p.method == "order" and sparse and g < STRONG_NAME:
+                confidence = 0.45
+                note = (f"unproven: paired by position, but only {ordered} of the {wanted} model parts left could "
+                        "be aligned: scattered shape coincidences, not a structure")
             elif p.method == "order":
                 confidence = min(0.9, 0.55 + 0.3 * g + (0.1 if clean else 0.0))
                 note = "names differ; paired by position in the module structure and by shape"

@@ -188,3 +188,15 @@ def test_a_wrong_reference_is_not_proven(built):
     qkv = ref["blocks.0.attn.qkv.weight"]
     swapped = dict(ref, **{"blocks.0.attn.qkv.weight": torch.cat([qkv[:32], qkv[64:], qkv[32:64]])})
     assert prove(pair, src, swapped) > 1e-3
+
+
+@pytest.mark.parametrize(("why", "pair"), NEGATIVE, ids=[w for w, _ in NEGATIVE])
+def test_negative_controls_apply_no_wrong_entry(why: str, pair: Pair, tmp_path):
+    # regression (issue 10): another architecture had 7 entries applied by scattered shape coincidences in the order
+    # step, BasicBlock vs Bottleneck 5 (`layer4.0.downsample` -> `layer2.0.downsample`, the only fitting pair left)
+    from reference import as_negative, evaluate
+
+    outcome = evaluate(as_negative(pair), tmp_path)
+    assert outcome.exit == 1
+    wrong = [describe(j) for j in outcome.judged if j.applied and not j.right]
+    assert not wrong, "\n".join(wrong)
