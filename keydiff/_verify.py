@@ -146,15 +146,50 @@ def input_shape_for(model: nn.Module) -> tuple[int, ...]:
 
 
 def load_source(source: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load the checkpoint into the source model, strictly.
+    """Load the checkpoint into the source model, strictly: as stored, else after the renames the source's own
+    library applies when it loads (transformers' ``from_pretrained`` renames ``encoder.layer.`` to ``layers.``...).
 
     Raises:
-        ModelError: the checkpoint is not the source model's (missing, unexpected or misshapen keys).
+        ModelError: the checkpoint is not the source model's (missing, unexpected or misshapen keys); the message
+            holds torch's whole error.
     """
     try:
         source.load_state_dict(state_dict, strict=True)
+        return
     except RuntimeError as exc:
-        raise ModelError(f"the checkpoint does not load into the source model: {str(exc).splitlines()[0]}") from exc
+        error = exc
+    renamed = _library_renames(source, state_dict)
+    if renamed is not None:
+        try:
+            source.load_state_dict(renamed, strict=True)
+            return
+        except RuntimeError:
+            pass  # the error as stored says more than the one after renaming
+    raise ModelError(f"the checkpoint does not load into the source model: {one_line(error)}") from error
+
+
+def _library_renames(source: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The checkpoint under the names the source's library loads it with, or None when it renames nothing.
+
+    transformers (5 and later) loads files written under older names through the model's own list of renames
+    (``get_model_conversion_mapping``); only the pure renames are applied here, so tensors are never changed.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [t for t in get_model_conversion_mapping(source) if isinstance(t, WeightRenaming)]
+        if not renamings:
+            return None
+        out = {rename_source_key(k, renamings, [])[0]: v for k, v in state_dict.items()}
+    except Exception:  # not a transformers model, or another transformers: nothing to rename with
+        return None
+    return out if len(out) == len(state_dict) and set(out) != set(state_dict) else None
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message on one line, whole: torch's state-dict errors put every key list on a line of its own."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def random_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -182,7 +217,7 @@ def verify(source: nn.Module, state_dict: Mapping[str, torch.Tensor], target: nn
     try:
         target.load_state_dict(mapping.apply(state_dict), strict=not partial)
     except RuntimeError as exc:
-        raise ModelError(f"the converted checkpoint does not load into the target: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"the converted checkpoint does not load into the target: {one_line(exc)}") from exc
     shape = tuple(input_shape or input_shape_for(target))
     x = random_input(shape, seed)
     with torch.no_grad():
