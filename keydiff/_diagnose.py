@@ -85,11 +85,13 @@ def _depth(keys: Sequence[str]) -> tuple[str, int] | None:
 
 def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix, *, container: str,
              alternatives: Sequence[str], non_tensor: Sequence[str], notes: Sequence[str],
-             depth_hint: Callable[[list[int]], str | None] | None = None) -> tuple[Diagnosis, ...]:
+             depth_hint: Callable[[list[int]], str | None] | None = None,
+             classifier: Callable[[], Sequence[str]] | None = None) -> tuple[Diagnosis, ...]:
     """Every diagnosis the facts support, most important first.
 
     ``depth_hint`` turns the checkpoint's block counts into the model argument that builds that depth
-    (``depth=4``), when the caller knows the model's spec.
+    (``depth=4``), when the caller knows the model's spec. ``classifier`` gives the model's classifier modules
+    (timm's ``pretrained_cfg['classifier']``: ``fc`` for a ResNet), called only when no key is named a head.
     """
     out: list[Diagnosis] = []
     filled = len(model) - len(mapping.missing)
@@ -117,7 +119,7 @@ def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix,
         out.append(Diagnosis(kind="non_tensor", message=(
             f"{len(non_tensor)} non-tensor entr{'y' if len(non_tensor) == 1 else 'ies'} in the tensor dict ignored: "
             + ", ".join(non_tensor[:5]))))
-    out.extend(_head(mapping))
+    out.extend(_head(mapping, classifier))
     missing = {m.key: m.shape for m in mapping.missing}
     unused = {u.key: u.shape for u in mapping.unused}
     out.extend(_pos_embed(missing, unused))
@@ -143,9 +145,14 @@ def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix,
     return tuple(out)
 
 
-def _head(mapping: KeyMap) -> list[Diagnosis]:
+def _head(mapping: KeyMap, classifier: Callable[[], Sequence[str]] | None = None) -> list[Diagnosis]:
     heads_m = [m for m in mapping.missing if _is(m.key, "head") and len(m.shape) == 2]
     heads_c = [u for u in mapping.unused if _is(u.key, "head") and len(u.shape) == 2]
+    if not heads_m and classifier is not None and any(len(m.shape) == 2 for m in mapping.missing):
+        # the head is called something else (a ResNet's `fc`): the model says which modules classify
+        names = tuple(classifier())
+        heads_m = [m for m in mapping.missing if len(m.shape) == 2 and m.key.rpartition(".")[0] in names]
+        heads_c = heads_c or [u for u in mapping.unused if len(u.shape) == 2 and u.key.rpartition(".")[0] in names]
     if heads_c and not heads_m:
         return [Diagnosis(kind="head", message=(
             f"the checkpoint's head ({heads_c[0].key}, {heads_c[0].shape[0]} outputs) has no place in the model; "

@@ -328,10 +328,31 @@ def diff(model: Any, checkpoint: Any, *, key: str | None = None, unsafe_pickle: 
         facts = dict(container=ckpt.container, alternatives=ckpt.alternatives, non_tensor=ckpt.non_tensor_keys)
         return compare_keys(model_keys, ckpt.keys, source=ckpt, min_confidence=min_confidence,
                             checkpoint_format=ckpt.fmt, _folded_checkpoint=ahead,
-                            depth_hint=_depth_hint(model, model_args), **facts)
+                            depth_hint=_depth_hint(model, model_args), classifier=_classifier(model), **facts)
     tensors = checkpoint.state_dict() if hasattr(checkpoint, "state_dict") else checkpoint
     return compare_keys(model_keys, keyset_of(tensors, origin="state dict"), source=_InMemory(tensors),
-                        min_confidence=min_confidence, checkpoint_format="memory")
+                        min_confidence=min_confidence, checkpoint_format="memory", classifier=_classifier(model))
+
+
+def _classifier(model: Any) -> Any:
+    """The model's classifier module names (timm's ``pretrained_cfg['classifier']``), looked up only when asked."""
+    def names() -> tuple[str, ...]:
+        cfg: Any = getattr(model, "pretrained_cfg", None)
+        if isinstance(model, str):
+            from keydiff._sources import is_checkpoint_path
+
+            if is_checkpoint_path(model) or ":" in model:
+                return ()
+            try:
+                from timm.models import get_pretrained_cfg
+
+                cfg = get_pretrained_cfg(model)
+            except Exception:  # no timm, or a name timm has no configuration for
+                return ()
+        value = cfg.get("classifier") if isinstance(cfg, Mapping) else getattr(cfg, "classifier", None)
+        return (value,) if isinstance(value, str) else tuple(value or ())
+
+    return names
 
 
 def _depth_hint(model: Any, model_args: Mapping[str, Any]) -> Any:
@@ -351,7 +372,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
                  min_confidence: float = DEFAULT_MIN_CONFIDENCE, container: str = "",
                  alternatives: tuple[str, ...] = (), non_tensor: tuple[str, ...] = (),
                  checkpoint_format: str = "", _folded_checkpoint: Folding | None = None,
-                 depth_hint: Any = None) -> Diff:
+                 depth_hint: Any = None, classifier: Any = None) -> Diff:
     """The engine: compare two key sets; no file is read."""
     prefix = find_prefix(list(checkpoint), model.keys(), checkpoint.origin)
     if prefix.strip or prefix.add:
@@ -397,7 +418,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     applied = tuple(e for e in entries if e.confidence >= min_confidence)
     mapping = _keymap(model, checkpoint, applied, entries, mismatched, prefix, container, min_confidence)
     diagnoses = diagnose(model, checkpoint, mapping, prefix, container=container, alternatives=alternatives,
-                         non_tensor=non_tensor, notes=notes, depth_hint=depth_hint)
+                         non_tensor=non_tensor, notes=notes, depth_hint=depth_hint, classifier=classifier)
     return Diff(model=model, checkpoint=checkpoint, mapping=mapping, proposals=tuple(entries), diagnoses=diagnoses,
                 min_confidence=min_confidence, checkpoint_format=checkpoint_format, source=source)
 
