@@ -253,7 +253,8 @@ def diff_command(
     budget = 10**9 if show_all else 40
     # the report is built only for someone to read: on screen, or in --report
     shown = not quiet or report is not None
-    parts = list(render_diff(d, budget=budget, show_exact=show_all, proof=proof)) if shown else []
+    parts = list(render_diff(d, budget=budget, show_exact=show_all, proof=proof, partial=partial,
+                             output=str(output) if output else None)) if shown else []
     if values:
         from keydiff._render._values import render_values
         from keydiff._sources import read_checkpoint

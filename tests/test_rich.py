@@ -1,0 +1,53 @@
+"""The terminal report: the next step follows from what was found (issue 13.3)."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from safetensors.torch import save_file
+
+import keydiff
+from keydiff._render._rich import next_step
+from keydiff.cli import main
+
+VIT = ["vit_base_patch16_224", "fixtures/vit_tiny_renamed.safetensors", "-m", "embed_dim=16", "-m", "depth=2",
+       "-m", "num_heads=2", "-m", "img_size=16", "-m", "patch_size=8", "-m", "num_classes=0"]
+
+
+def _next_line(out: str) -> str:
+    return " ".join(out[out.rindex("Next:"):].split())
+
+
+def test_next_does_not_ask_for_the_output_it_was_given(tmp_path, capsys):
+    out_path = tmp_path / "converted.safetensors"
+    assert main([*VIT, "-o", str(out_path)]) == 0
+    line = _next_line(capsys.readouterr().out)
+    assert "add -o" not in line and str(out_path) in line
+
+
+def test_next_says_nothing_to_convert_when_it_loads_as_it_is():
+    model = timm.create_model("resnet18", num_classes=10)
+    d = keydiff.diff(model, model.state_dict())
+    assert next_step(d) == "Next: nothing to convert: the checkpoint loads into the model as it is (strict=True)."
+
+
+def _resnet(tmp_path, **kwargs):
+    path = tmp_path / "resnet.safetensors"
+    with torch.device("meta"):
+        model = timm.create_model("resnet18", **kwargs)
+    save_file({k: torch.zeros(v.shape) for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_next_follows_the_head_cause(tmp_path):
+    d = keydiff.diff("resnet18", str(_resnet(tmp_path)), num_classes=10)
+    line = next_step(d)
+    assert "head is re-initialised" in line and "lacks" not in line and "--partial converts what fits" in line
+    assert "--partial converts" not in next_step(d, partial=True)
+
+
+def test_next_does_not_offer_partial_when_nothing_fits(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"a.weight": torch.zeros(3, 5), "b.bias": torch.zeros(7)}, str(path))
+    d = keydiff.diff("resnet18", str(path))
+    assert "--partial" not in next_step(d) and "checkpoint for this model" in next_step(d)
