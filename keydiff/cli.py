@@ -56,7 +56,8 @@ UnsafePickle = Annotated[bool, typer.Option(
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No report, no progress; exit code only.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks (for bug reports).")]
 Output = Annotated[Optional[Path], typer.Option(  # noqa: UP045
-    "-o", "--output", help="Write the converted checkpoint here (safetensors), atomically.")]
+    "-o", "--output", help="Write the converted checkpoint here, atomically: .safetensors, or a torch file "
+                           "(.pt, .pth, .bin).")]
 Partial = Annotated[bool, typer.Option("--partial", help="Write the output even if some model keys stay unresolved.")]
 ShardSize = Annotated[Optional[str], typer.Option(  # noqa: UP045
     "--max-shard-size", help="Write sharded safetensors with an index (e.g. 5GB, 500MB).")]
@@ -112,7 +113,26 @@ def _check_output(path: Path, inputs: list[str], what: str) -> Path:
             raise OutputError(f"{path}: refusing to write the {what} over an input file")
     if not target.parent.is_dir():
         raise OutputError(f"{path}: directory {target.parent} does not exist")
+    if target.is_dir():
+        raise OutputError(f"{path}: is a directory; name a file")
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise OutputError(f"{path}: not writable here (permissions of {target.parent})")
     return target
+
+
+def _check_checkpoint_output(path: Path, inputs: list[str], shard: int | None) -> None:
+    """Refuse, before any work, an output whose suffix names no format keydiff writes, or that cannot be written."""
+    from keydiff._convert import TORCH_OUTPUT_SUFFIXES
+
+    name = path.name.lower()
+    if name.endswith(TORCH_OUTPUT_SUFFIXES):
+        if shard is not None:
+            raise UsageError(f"-o {path}: --max-shard-size writes sharded safetensors; name the output "
+                             "model.safetensors (a torch file is one file)")
+    elif not name.endswith((".safetensors", ".index.json")) and not (shard is not None and path.is_dir()):
+        raise UsageError(f"-o {path}: the suffix picks the format: .safetensors, or .pt/.pth/.bin for a torch file "
+                         "(torch.save)")
+    _check_output(path / "model.safetensors.index.json" if path.is_dir() else path, inputs, "converted checkpoint")
 
 
 def _write_text(path: Path, text: str | Callable[[TextIO], None], inputs: list[str], what: str) -> None:
@@ -234,6 +254,8 @@ def diff_command(
     for path, what in ((json_path, "mapping"), (report, "report"), (emit_python, "generated code")):
         if path is not None:
             _check_output(path, inputs, what)
+    if output is not None:
+        _check_checkpoint_output(output, inputs, shard)
     model_is_file = Path(model).exists() and is_checkpoint_path(model)
     if values and not model_is_file:
         raise UsageError(f"--values compares the values of two checkpoints: MODEL must be a checkpoint file, got "
@@ -324,6 +346,7 @@ def apply_command(
     from keydiff._sources import read_checkpoint
 
     _warn_unsafe(unsafe_pickle)
+    _check_checkpoint_output(output, [str(checkpoint), str(mapping)], _size(max_shard_size))
     km = load_mapping(mapping)
     ckpt = read_checkpoint(checkpoint, key=key if key is not None else (km.unwrap.container or None),
                            unsafe_pickle=unsafe_pickle)
