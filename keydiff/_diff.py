@@ -48,7 +48,7 @@ class _InMemory:
         return ((k, self._tensors[k]) for k in keys)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class Diff:
     """The result of comparing a model's keys with a checkpoint's: facts, a mapping, and the causes.
 
@@ -184,6 +184,15 @@ class Diff:
         from keydiff._render import _rich
 
         return _rich.mimebundle(self)
+
+    def __repr__(self) -> str:
+        """The verdict and the counts, for a plain interpreter; rich and Jupyter show the whole report."""
+        from keydiff._render import _rich
+
+        m = self.mapping
+        return (f"Diff({_rich.verdict(self).plain}; model {self.model.origin!r} ({len(self.model)} keys), "
+                f"checkpoint {self.checkpoint.origin!r} ({len(self.checkpoint)} keys): {len(m.entries)} entries, "
+                f"{len(m.missing)} missing, {len(m.unused)} unused, {len(self.diagnoses)} diagnoses)")
 
 
 @dataclass(frozen=True, slots=True)

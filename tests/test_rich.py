@@ -51,3 +51,19 @@ def test_next_does_not_offer_partial_when_nothing_fits(tmp_path):
     save_file({"a.weight": torch.zeros(3, 5), "b.bias": torch.zeros(7)}, str(path))
     d = keydiff.diff("resnet18", str(path))
     assert "--partial" not in next_step(d) and "checkpoint for this model" in next_step(d)
+
+
+def test_str_and_repr_of_a_diff_are_a_short_summary(capsys):
+    """Issue 13.6: print(d) in a plain interpreter dumped a 30,000-85,000-character dataclass."""
+    import io
+
+    from rich.console import Console
+
+    d = keydiff.diff(*VIT[:2], embed_dim=16, depth=2, num_heads=2, img_size=16, patch_size=8, num_classes=0)
+    for text in (str(d), repr(d), repr(d.mapping), repr(d.model)):
+        assert len(text) < 400, text
+    assert repr(d).startswith("Diff(✓ all 30 model keys filled") and "0 missing" in repr(d)
+    console = Console(file=io.StringIO(), width=120)
+    console.print(d)
+    assert "Proposed mapping" in console.file.getvalue()  # rich keeps the full report
+    assert "Proposed mapping" in d._repr_mimebundle_()["text/plain"]  # and Jupyter
