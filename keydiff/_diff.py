@@ -266,7 +266,9 @@ def _model_side(model: Any, model_args: Mapping[str, Any], unsafe_pickle: bool) 
         from keydiff._sources import is_checkpoint_path, read_checkpoint
 
         spec = os.fspath(model)
-        if is_checkpoint_path(spec):
+        from keydiff._hub import model_folder
+
+        if is_checkpoint_path(spec) and model_folder(spec) is None:
             ks = read_checkpoint(spec, unsafe_pickle=unsafe_pickle).keys
             return ks if ks.order_is_evidence else _reorder(ks)
         return read_model(spec, model_args)

@@ -27,6 +27,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from keydiff._errors import CheckpointError, CheckpointNotFound, KeydiffError, UnsafePickle, UsageError
+from keydiff._hub import local_path
 from keydiff._keys import KeySet, TensorInfo, natural_key
 from keydiff._plain import plain_data, plain_globals
 
@@ -357,7 +358,8 @@ def read_checkpoint(
     """Read a checkpoint's keys, shapes and dtypes, and find its tensor dict.
 
     Args:
-        path: A ``.safetensors`` file, a sharded ``*.index.json``, a directory holding either, or a torch file.
+        path: A ``.safetensors`` file, a sharded ``*.index.json``, a directory holding either, or a torch file; a
+            Hugging Face repo id or cache folder (``models--org--name``) is read from the local cache's snapshot.
         key: Dotted path of the tensor dict to use (``"model_ema"``); by default the live weights are chosen.
         unsafe_pickle: Let pickles run code while loading. Only for trusted files.
 
@@ -375,7 +377,7 @@ def read_checkpoint(
         >>> ckpt.container, ckpt.other_entries  # doctest: +SKIP
         ('state_dict', ('epoch', 'global_step', 'optimizer_states'))
     """
-    shown = os.fspath(path)
+    shown = local_path(os.fspath(path))  # a Hugging Face repo id or cache folder: its snapshot, offline
     if not os.path.exists(shown):
         raise CheckpointNotFound(shown)
     if os.path.isdir(shown):

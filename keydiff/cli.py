@@ -242,12 +242,14 @@ def diff_command(
     With --source, prove it: exit 0 only when the converted model reproduces the source's outputs.
     """
     from keydiff._diff import diff
+    from keydiff._hub import config_args, model_folder
     from keydiff._model import parse_model_args
     from keydiff._render._rich import render_diff
     from keydiff._sources import is_checkpoint_path
 
     _warn_unsafe(unsafe_pickle)
-    args = parse_model_args(model_arg or [])
+    # transformers:ModelClass beside a checkpoint folder with config.json: that config, -m on top
+    args = {**config_args(model, str(checkpoint)), **parse_model_args(model_arg or [])}
     shard = _size(max_shard_size)
     inputs = [str(checkpoint)] + ([model] if Path(model).exists() else [])
     _report_format(report)
@@ -256,7 +258,7 @@ def diff_command(
             _check_output(path, inputs, what)
     if output is not None:
         _check_checkpoint_output(output, inputs, shard)
-    model_is_file = Path(model).exists() and is_checkpoint_path(model)
+    model_is_file = Path(model).exists() and is_checkpoint_path(model) and model_folder(model) is None
     if values and not model_is_file:
         raise UsageError(f"--values compares the values of two checkpoints: MODEL must be a checkpoint file, got "
                          f"{model!r}")
@@ -376,6 +378,7 @@ def verify_command(
 ) -> int:
     """Prove a conversion: run the source model and the converted target on the same random input."""
     from keydiff._diff import diff
+    from keydiff._hub import config_args
     from keydiff._mapping import load_mapping
     from keydiff._model import parse_model_args
     from keydiff._verify import build_source, verify
@@ -391,7 +394,7 @@ def verify_command(
                       f"{checkpoint} to see why[/red]")
         return 1
     state = dict(d.source.tensors(list(d.checkpoint)))
-    src_model = build_source(source, parse_model_args(source_arg or []))
+    src_model = build_source(source, {**config_args(source, str(checkpoint)), **parse_model_args(source_arg or [])})
     tgt_model = build_source(target, target_args)
     result = verify(src_model, state, tgt_model, km, input_shape=shape, tolerance=tolerance)
     console.print(result)
