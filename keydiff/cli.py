@@ -32,6 +32,9 @@ __all__ = ["app", "main"]
 
 _HELP = """Why a checkpoint does not load into a model, and the mapping that fixes it.
 
+`keydiff MODEL CHECKPOINT` is the diff (short for `keydiff diff MODEL CHECKPOINT`); see `keydiff diff -h` for its
+options.
+
 \b
   keydiff MODEL CHECKPOINT [-m KEY=VALUE]... [--json MAP] [-o OUT]
   keydiff MODEL CHECKPOINT --source SOURCE [-s KEY=VALUE]...
@@ -43,8 +46,23 @@ Exit codes: 0 every model key is filled (with --source: and the outputs agree); 
 outputs differ); 2 bad input or usage.
 """
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help=_HELP)
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help=_HELP,
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from keydiff import __version__
+
+        print(f"keydiff {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", "-V", callback=_show_version, is_eager=True, help="Show the version and exit.")] = False) -> None:
+    pass
 
 ModelArgs = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045 - typer reads Optional at runtime
     "-m", "--model-arg", metavar="KEY=VALUE",
@@ -204,12 +222,14 @@ def _convert(mapping, source, keys, output: Path, inputs: list[str], shard: int 
                                tick=lambda: progress.advance(task))
 
 
-@app.command("diff")
+@app.command("diff", short_help="The default: `keydiff MODEL CHECKPOINT` explains why CHECKPOINT does not load "
+                                 "into MODEL, proposes a mapping and converts it (-o).")
 def diff_command(
-    model: Annotated[str, typer.Argument(
+    model: Annotated[str, typer.Argument(metavar="MODEL",
         help="timm model name, package.module:callable, transformers:ModelClass, or a checkpoint file.")],
-    checkpoint: Annotated[Path, typer.Argument(
-        help="Checkpoint: .safetensors, sharded index/dir, .pth/.pt/.bin/.ckpt.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
+        help="Checkpoint: .safetensors, sharded index/dir, .pth/.pt/.bin/.ckpt, a Hugging Face repo id or cache "
+             "folder (read from the local cache).")],
     model_arg: ModelArgs = None,
     key: ContainerKey = None,
     json_path: Annotated[Optional[Path], typer.Option(  # noqa: UP045
@@ -332,10 +352,11 @@ def _prove(d: Diff, source: str, source_args: dict[str, Any], model: str, model_
                      tolerance=tolerance, source_name=source)
 
 
-@app.command("apply")
+@app.command("apply", short_help="Apply a saved mapping (--json) to a checkpoint and write the converted "
+                                  "checkpoint.")
 def apply_command(
-    mapping: Annotated[Path, typer.Argument(help="A mapping written by keydiff --json.")],
-    checkpoint: Annotated[Path, typer.Argument(help="The checkpoint to convert.")],
+    mapping: Annotated[Path, typer.Argument(metavar="MAP.json", help="A mapping written by keydiff --json.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="The checkpoint to convert.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the converted safetensors.")],
     key: ContainerKey = None,
     max_shard_size: ShardSize = None,
@@ -358,12 +379,13 @@ def apply_command(
     return 0
 
 
-@app.command("verify")
+@app.command("verify", short_help="Run the source model and the converted target on one input: prove the "
+                                   "conversion computes the same function.")
 def verify_command(
-    source: Annotated[str, typer.Argument(help="Source model: timm name, package.module:callable, or "
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="Source model: timm name, package.module:callable, or "
                                                "transformers:ModelClass (built from its config).")],
-    checkpoint: Annotated[Path, typer.Argument(help="The source model's checkpoint.")],
-    target: Annotated[str, typer.Argument(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="The source model's checkpoint.")],
+    target: Annotated[str, typer.Argument(metavar="TARGET",
         help="Target model: timm name, package.module:callable or transformers:ModelClass.")],
     source_arg: SourceArgs = None,
     model_arg: ModelArgs = None,
@@ -401,9 +423,10 @@ def verify_command(
     return 0 if result.ok else 1
 
 
-@app.command("stats")
+@app.command("stats", short_help="Per-tensor statistics of a checkpoint, NaN/Inf and all-zero tensors first.")
 def stats_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, sharded, .pth/.pt/.bin/.ckpt.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
+                                               help="Checkpoint: .safetensors, sharded, .pth/.pt/.bin/.ckpt.")],
     key: ContainerKey = None,
     csv: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--csv", help="Write every tensor's statistics as CSV.")] = None,
@@ -444,12 +467,13 @@ def stats_command(
 
 
 _COMMANDS = {"diff", "apply", "verify", "stats"}
+_ROOT_OPTIONS = {"--version", "-V", "-h", "--help", "--install-completion", "--show-completion"}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. ``keydiff MODEL CKPT`` is short for ``keydiff diff MODEL CKPT``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] not in _COMMANDS and not args[0].startswith("-"):
+    if args and args[0] not in _COMMANDS and args[0] not in _ROOT_OPTIONS:
         args.insert(0, "diff")
     debug = "--debug" in args or os.environ.get("KEYDIFF_DEBUG") == "1"
     try:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
 import keydiff
+from keydiff._render._group import group_entries
 from keydiff._render._rich import next_step
 from keydiff.cli import main
 
@@ -67,3 +69,32 @@ def test_str_and_repr_of_a_diff_are_a_short_summary(capsys):
     console.print(d)
     assert "Proposed mapping" in console.file.getvalue()  # rich keeps the full report
     assert "Proposed mapping" in d._repr_mimebundle_()["text/plain"]  # and Jupyter
+
+
+def _cells(report: str, column: int) -> list[list[str]]:
+    """The fragments of one table column, grouped per row (a row continues while the `keys`/`n` cell is empty)."""
+    rows: list[list[str]] = []
+    for line in report.splitlines():
+        if not line.startswith("│"):
+            continue
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        if cells[2 if column < 2 else 1] or not rows:  # a count cell opens a new row
+            rows.append([])
+        if cells[column]:
+            rows[-1].append(cells[column])
+    return rows
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_tables_never_break_a_key_mid_token(width):
+    """Issue 13.8: keys wrap at `.` (or fold a token wider than the column), never in the middle of a token."""
+    from keydiff._render._rich import render_text
+
+    d = keydiff.diff(*VIT[:2], embed_dim=16, depth=2, num_heads=2, img_size=16, patch_size=8, num_classes=0)
+    report = render_text(d, width=width, budget=100)
+    keys = {g.source for g in group_entries(d.mapping.entries)} | {g.target for g in group_entries(d.mapping.entries)}
+    for column in (0, 1):
+        for fragments in _cells(report[report.index("Proposed mapping"):], column):
+            joined = "".join(fragments)
+            assert joined in keys, (joined, report)
+            assert all(f.endswith(".") for f in fragments[:-1]), (fragments, report)

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from keydiff._render._group import group_entries, group_leftovers
+from keydiff._render._keytext import KeyText
 
 if TYPE_CHECKING:
     from keydiff._diff import Diff
@@ -81,7 +82,7 @@ def render_proof(proof: Proof, budget: int) -> Iterator[RenderableType]:
         for col in ("model key", "was", "now", "why"):
             table.add_column(col, overflow="fold")
         for c in proof.changes[:budget]:
-            table.add_row(escape(c.target), escape(c.was), escape(c.now), escape(c.why))
+            table.add_row(KeyText(c.target), escape(c.was), KeyText(c.now), escape(c.why))
         yield table
         if len(proof.changes) > budget:
             yield Text(f"  … {len(proof.changes) - budget} more changes; use --all to list them", style="dim")
@@ -113,7 +114,7 @@ def render_diff(d: Diff, *, budget: int = DEFAULT_BUDGET, show_exact: bool = Fal
             table.add_column(col, overflow="fold")
         for g in groups[:budget]:
             conf_style = "green" if g.confidence >= 0.8 else "yellow" if g.confidence >= 0.6 else "red"
-            table.add_row(escape(g.source), escape(g.target), str(g.count), g.op,
+            table.add_row(KeyText(g.source), KeyText(g.target), str(g.count), g.op,
                           Text(f"{g.confidence:.2f}", style=conf_style),
                           escape(g.method + (f": {g.note}" if g.note else "")))
         yield table
@@ -134,7 +135,7 @@ def _leftovers(title: str, groups: list, budget: int, style: str) -> Iterator[Re
     for col in ("keys", "n", "reason", "nearest"):
         table.add_column(col, overflow="fold")
     for g in groups[:budget]:
-        table.add_row(escape(g.label), str(g.count), escape(g.reason), escape(", ".join(g.candidates[:2])))
+        table.add_row(KeyText(g.label), str(g.count), escape(g.reason), KeyText(", ".join(g.candidates[:2])))
     yield table
     if len(groups) > budget:
         yield Text(f"  … {len(groups) - budget} more rows; use --all to list them", style="dim")

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from rich.console import RenderableType
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from keydiff._render._keytext import KeyText
 from keydiff._render._rich import DEFAULT_BUDGET, _plural
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def render_values(vd: ValueDiff, *, budget: int = DEFAULT_BUDGET) -> Iterator[Re
             table.add_column(col, overflow="fold", justify="left" if col == "cluster" else "right")
         for g in clusters[:budget]:
             style = "green" if g.identical == g.tensors else "yellow" if g.median_rel_change < 0.1 else "red"
-            table.add_row(escape(g.cluster), str(g.tensors), str(g.identical),
+            table.add_row(KeyText(g.cluster), str(g.tensors), str(g.identical),
                           Text(format_change(g.median_rel_change), style=style), format_change(g.max_rel_change),
                           _num(g.min_cosine), _num(g.max_abs_diff))
         yield table
@@ -110,7 +110,7 @@ def _stats_table(title: str, frame: pd.DataFrame, budget: int, style: str = "") 
     for col in cols:
         table.add_column(col, overflow="fold", justify="right" if col in cols[4:] else "left")
     for r in frame.head(budget).itertuples(index=False):
-        table.add_row(escape(r.key), f"[{', '.join(map(str, r.shape))}]", r.dtype, Text(r.flag, style="red"),
+        table.add_row(KeyText(r.key), f"[{', '.join(map(str, r.shape))}]", r.dtype, Text(r.flag, style="red"),
                       str(r.nan), str(r.inf), _num(r.zero_frac), _num(r.mean), _num(r.std), _num(r.abs_max))
     yield table
     if len(frame) > budget:
