@@ -222,6 +222,11 @@ class TensorChange:
     """Bit-exact: same dtype and the same bytes."""
 
     @property
+    def was_zero(self) -> bool:
+        """A is all zero and B is not: no relative change or cosine exists (reported as "was zero")."""
+        return math.isinf(self.rel_change) and math.isnan(self.cosine) and self.max_abs_diff > 0
+
+    @property
     def cluster(self) -> str:
         """The key's template, ``blocks.{}.attn.qkv.weight``."""
         return template_of(self.key)[0]
@@ -245,8 +250,13 @@ class ClusterChange:
     """Smallest cosine similarity."""
     max_abs_diff: float
     """Largest ``max_abs_diff``."""
+    was_zero: int = 0
+    """How many tensors are all zero in A and not in B; the relative changes and cosine are of the others (NaN
+    when there are none)."""
 
     def __str__(self) -> str:
+        if self.was_zero == self.tensors:
+            return f"{self.cluster}: was zero in A"
         return f"{self.cluster}: median rel. change {format_change(self.median_rel_change)}"
 
 
@@ -267,6 +277,10 @@ def format_change(x: float) -> str:
 
 def _nan_last(x: float) -> float:
     return math.inf if math.isnan(x) else x
+
+
+def _nan_first(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)
@@ -305,15 +319,20 @@ class ValueDiff:
             groups.setdefault(c.cluster, []).append(c)
         out = []
         for tpl, members in groups.items():
-            rel = [c.rel_change for c in members]
+            # a tensor that was zero in A has no relative change or cosine: the others' are summarised
+            measured = [c for c in members if not c.was_zero]
+            rel = [c.rel_change for c in measured]
             out.append(ClusterChange(
                 cluster=fill_template(tpl, [template_of(c.key)[1] for c in members]), tensors=len(members),
                 identical=sum(c.identical for c in members),
-                median_rel_change=math.nan if any(map(math.isnan, rel)) else statistics.median(rel),
-                max_rel_change=max(rel, key=_nan_last), min_cosine=min(c.cosine for c in members),
-                max_abs_diff=max((c.max_abs_diff for c in members), key=_nan_last)))
-        out.sort(key=lambda g: (-_nan_last(g.median_rel_change), -_nan_last(g.max_rel_change),
-                                natural_key(g.cluster)))
+                median_rel_change=math.nan if not rel or any(map(math.isnan, rel)) else statistics.median(rel),
+                max_rel_change=max(rel, key=_nan_last, default=math.nan),
+                min_cosine=min((c.cosine for c in measured), key=_nan_first, default=math.nan),
+                max_abs_diff=max((c.max_abs_diff for c in members), key=_nan_last),
+                was_zero=len(members) - len(measured)))
+        # most changed first: NaN (non-finite values), then clusters that were zero in A, then by change
+        out.sort(key=lambda g: (-_nan_last(g.median_rel_change) if g.was_zero < g.tensors else -math.inf,
+                                -_nan_last(g.max_rel_change), natural_key(g.cluster)))
         return tuple(out)
 
     def to_frame(self) -> pd.DataFrame:

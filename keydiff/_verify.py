@@ -11,8 +11,9 @@ result into the target, and compares every output of the source with the target'
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from keydiff._errors import ModelError
@@ -39,6 +40,9 @@ class OutputCheck:
     target: str
     max_abs_diff: float | None
     rel_diff: float | None
+    note: str = ""
+    """Why a differing output does not count against the verdict (another output agrees, and this one is not
+    computed by the target)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +64,17 @@ class Verification:
         from rich.text import Text
 
         table = Table(title=f"Outputs on a random input {list(self.input_shape)}", title_justify="left")
-        for col in ("source output", "shape", "target output", "max abs diff", "rel. diff"):
+        notes = any(c.note for c in self.checks)
+        for col in ("source output", "shape", "target output", "max abs diff", "rel. diff") + (
+                ("does not count because",) if notes else ()):
             table.add_column(col)
         for c in self.checks:
             same = c.rel_diff is not None and c.rel_diff <= self.tolerance
             table.add_row(c.source, str(list(c.shape)), c.target or "(no output of this shape)",
                           "" if c.max_abs_diff is None else f"{c.max_abs_diff:.3g}",
-                          Text("" if c.rel_diff is None else f"{c.rel_diff:.2e}", style="green" if same else "red"))
+                          Text("" if c.rel_diff is None else f"{c.rel_diff:.2e}",
+                               style="green" if same else "dim" if c.note else "red"),
+                          *((Text(c.note, style="dim"),) if notes else ()))
         return table
 
     def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
@@ -237,7 +245,23 @@ def verify(source: nn.Module, state_dict: Mapping[str, torch.Tensor], target: nn
                 best = (rel, diff, tname)
         checks.append(OutputCheck(name, tuple(a.shape), best[2] if best else "", best[1] if best else None,
                                   best[0] if best else None))
-    return Verification(tuple(checks), shape, tolerance)
+    result = Verification(tuple(checks), shape, tolerance)
+    if not result.ok:
+        return result
+    unused = [u.key for u in mapping.unused]
+    return Verification(tuple(c if c.rel_diff is not None and c.rel_diff <= tolerance else
+                              replace(c, note=_why_not_counted(c, unused)) for c in checks), shape, tolerance)
+
+
+def _why_not_counted(check: OutputCheck, unused: list[str]) -> str:
+    """Why an output that differs does not count, when another output agrees: the checkpoint tensors that compute
+    it have no place in the target (``pooler_output`` from ``pooler.dense.*``), or the target has no such output."""
+    words = set(re.findall(r"[a-z]+", check.source.lower())) - {"output", "outputs", "last", "hidden", "state"}
+    used_by = [k for k in unused if words & set(re.findall(r"[a-z]+", k.lower().rpartition(".")[0]))]
+    if used_by:
+        shown = ", ".join(used_by[:2]) + (f" and {len(used_by) - 2} more" if len(used_by) > 2 else "")
+        return f"computed from checkpoint tensors the target has no place for ({shown})"
+    return "the target computes no such output (another output of the source agrees)"
 
 
 Activation = tuple["torch.Tensor", ...]
