@@ -277,8 +277,9 @@ def test_a_source_that_does_not_fit_gets_the_whole_error(tmp_path, capsys):
     assert code == 2 and "size mismatch for" in err and not err.rstrip().endswith(":"), err
 
 
-def test_outputs_that_do_not_count_say_why(tmp_path, capsys):
+def test_outputs_that_do_not_count_say_why(tmp_path, capsys, monkeypatch):
     """Issue 13.9: pooler_output differed next to '✓ verified' without a word; the target has no pooler."""
+    monkeypatch.setenv("COLUMNS", "250")  # one table line per output
     pair, path = _hf_vit(tmp_path)
     assert main(["verify", "transformers:ViTModel", str(path), pair.target, *HF_ARGS, *pair.model_args()]) == 0
     out = " ".join(capsys.readouterr().out.split())
