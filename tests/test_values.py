@@ -232,3 +232,20 @@ def test_a_tensor_zero_in_a_says_was_zero(hf, tmp_path):
     norm = rows["blocks.{0,1}.norm1.bias"]
     assert norm.count("was zero") == 3 and " 1 " not in norm  # rel. changes and cosine: none exists
     assert "(1 was zero)" in rows["blocks.{0,1}.attn.proj.bias"]
+
+
+def test_stats_list_nan_and_inf_before_all_zero_rows(hf, tmp_path, capsys):
+    """Issue 13.10: an all-zero bias (often meant) was listed above a NaN weight (never meant)."""
+    from keydiff.cli import main
+
+    path, _, _ = hf
+    sd = load_file(str(path))
+    sd["layers.0.mlp.fc1.weight"][3, :5] = float("nan")
+    sd["layers.1.attention.v_proj.bias"][2] = float("-inf")
+    sd["embeddings.cls_token"].zero_()
+    sd["layernorm.bias"].zero_()
+    broken = tmp_path / "broken.safetensors"
+    save_file(sd, str(broken))
+    assert main(["stats", str(broken)]) == 1
+    rows = [line.split("│")[4].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert [r for r in rows if r] == ["nan", "inf", "all zero", "all zero"]

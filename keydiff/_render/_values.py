@@ -94,6 +94,9 @@ def render_stats(frame: pd.DataFrame, *, origin: str = "", budget: int = DEFAULT
                  show_all: bool = False) -> Iterator[RenderableType]:
     """Yield the statistics report: a summary line, flagged tensors first, then (``show_all``) every tensor."""
     flagged = frame[frame["flag"] != ""]
+    # NaN and Inf break a model, an all-zero tensor may be meant (a zero-initialised bias): the worst first
+    broken = (flagged["nan"] > 0) | (flagged["inf"] > 0)
+    flagged = flagged.iloc[sorted(range(len(flagged)), key=lambda i: not broken.iloc[i])]
     nan, inf = int((frame["nan"] > 0).sum()), int((frame["inf"] > 0).sum())
     zero = int(frame["flag"].str.contains("all zero").sum())
     params = int(frame["numel"].sum())
