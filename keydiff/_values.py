@@ -221,10 +221,14 @@ class TensorChange:
     identical: bool
     """Bit-exact: same dtype and the same bytes."""
 
+    a_all_zero: bool = False
+    """A's tensor is all zero (then ``rel_change`` and ``cosine`` say nothing about B's)."""
+
     @property
     def was_zero(self) -> bool:
-        """A is all zero and B is not: no relative change or cosine exists (reported as "was zero")."""
-        return math.isinf(self.rel_change) and math.isnan(self.cosine) and self.max_abs_diff > 0
+        """A is all zero and B is not (and finite): no relative change or cosine exists (reported as "was
+        zero"); NaN or Inf in B stays a non-finite change."""
+        return self.a_all_zero and self.rel_change != 0 and math.isfinite(self.max_abs_diff)
 
     @property
     def cluster(self) -> str:
@@ -418,7 +422,8 @@ def _change(key: str, source: tuple[str, ...], op: str, a: torch.Tensor, b: torc
     cosine = dot / math.sqrt(ssa * ssb) if ssa > 0 and ssb > 0 else 1.0 if ssa == ssb == 0 else math.nan
     return TensorChange(key=key, source=source, op=op, shape=tuple(a.shape),
                         dtype_a=str(a.dtype).removeprefix("torch."), dtype_b=str(b.dtype).removeprefix("torch."),
-                        max_abs_diff=max_abs, rel_change=rel, cosine=cosine, identical=identical)
+                        max_abs_diff=max_abs, rel_change=rel, cosine=cosine, identical=identical,
+                        a_all_zero=ssa == 0)
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
