@@ -3,6 +3,7 @@ to re-initialise, a width or depth variant, a position embedding of another size
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -119,7 +120,8 @@ def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix,
         out.append(Diagnosis(kind="non_tensor", message=(
             f"{len(non_tensor)} non-tensor entr{'y' if len(non_tensor) == 1 else 'ies'} in the tensor dict ignored: "
             + ", ".join(non_tensor[:5]))))
-    out.extend(_head(mapping, classifier))
+    heads = _head(mapping, classifier)
+    out.extend(heads)
     missing = {m.key: m.shape for m in mapping.missing}
     unused = {u.key: u.shape for u in mapping.unused}
     out.extend(_pos_embed(missing, unused))
@@ -136,6 +138,11 @@ def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix,
     if missing:
         # a width cause only where sizes really differ: a deeper variant repeats the same sizes more often
         wm, wc = _widths(model), _widths(checkpoint)
+        if heads and heads[0].level == "warning":
+            # a head of another size changes the 1-D sizes by its class counts only: that is the head cause
+            classes = re.search(r"checkpoint has (\d+) classes, model (\d+)", heads[0].message)
+            if classes:
+                wc, wm = wc - {int(classes.group(1))}, wm - {int(classes.group(2))}
         if wm and wc and wm != wc and not depths:
             only_m, only_c = _most_common(model, wm - wc), _most_common(checkpoint, wc - wm)
             if only_m and only_c:

@@ -28,3 +28,9 @@ def test_an_nn_module_brings_its_own_pretrained_cfg(tmp_path):
     model = timm.create_model("resnet18", num_classes=10)
     d = keydiff.diff(model, str(_resnet_checkpoint(tmp_path)))
     assert any(g.kind == "head" for g in d.diagnoses)
+
+
+def test_a_head_cause_is_not_also_a_width_cause(tmp_path):
+    """fc.bias [1000] vs [10] changed the set of 1-D sizes, which read as 'different variant: width 1000'."""
+    d = keydiff.diff("resnet18", str(_resnet_checkpoint(tmp_path)), num_classes=10)
+    assert [g.kind for g in d.diagnoses if g.level == "warning"] == ["head"]
