@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from keydiff._errors import ModelError, UsageError
-from keydiff._hub import folder_factory, model_folder
 from keydiff._keys import KeySet, TensorInfo
 
 if TYPE_CHECKING:
@@ -75,6 +74,8 @@ def model_factory(spec: str) -> Callable[..., nn.Module]:
     Raises:
         ModelError: unknown timm name (close names are suggested), or the module or class cannot be imported.
     """
+    from keydiff._hub import folder_factory, model_folder
+
     folder = model_folder(spec)
     if folder is not None:  # a folder with config.json, a Hugging Face cache folder or repo id, hf-hub:org/name
         return folder_factory(folder)
@@ -111,6 +112,8 @@ def read_model(spec: str, model_args: Mapping[str, Any] | None = None) -> KeySet
         ModelError: unknown name (close names are suggested), import failure, or the model fails to build.
     """
     kwargs = dict(model_args or {})
+    from keydiff._hub import model_folder
+
     timm_name = ":" not in spec and model_folder(spec) is None
     if timm_name:
         from keydiff._cache import load_model_keys
