@@ -1,4 +1,5 @@
-"""Write a converted checkpoint: every entry's target tensor, produced one at a time, into safetensors."""
+"""Write a converted checkpoint: every entry's target tensor, produced one at a time, into safetensors (or a
+torch file, when the output's suffix asks for one)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from keydiff._mapping import Entry, KeyMap
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["write_converted"]
+__all__ = ["TORCH_OUTPUT_SUFFIXES", "write_converted"]
+
+TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin")
+"""Output suffixes written with ``torch.save`` (what ``torch.load(path, weights_only=True)`` reads)."""
 
 
 def _producer(entry: Entry, source: Any, tick: Callable[[], None]) -> Callable[[], torch.Tensor]:
@@ -41,6 +45,8 @@ def write_converted(mapping: KeyMap, source: Any, keys: KeySet, path: str | os.P
     Returns:
         The files written.
     """
+    if os.fspath(path).lower().endswith(TORCH_OUTPUT_SUFFIXES):
+        return [_write_torch(os.fspath(path), mapping, source, inputs, tick)]
     from keydiff._writer import write_safetensors
 
     items = [
@@ -50,3 +56,27 @@ def write_converted(mapping: KeyMap, source: Any, keys: KeySet, path: str | os.P
     ]
     return write_safetensors(path, items, inputs=inputs, metadata={"format": "pt", "converted_by": "keydiff"},
                              max_shard_size=max_shard_size)
+
+
+def _write_torch(path: str, mapping: KeyMap, source: Any, inputs: Iterable[str | os.PathLike[str]],
+                 tick: Callable[[], None]) -> str:
+    """``torch.save`` of the converted state dict, atomically (a temp file renamed into place). The whole state
+    dict is held in memory: torch's format is one pickle, it cannot be streamed tensor by tensor."""
+    import torch
+
+    from keydiff._writer import _commit, _create_temp, _refuse_inputs, _remove
+
+    _refuse_inputs([path], inputs)
+    # clone: a tensor read through mmap or a view of a shared storage would save its whole storage
+    state = {e.target: _producer(e, source, tick)().contiguous().clone() for e in mapping.entries}
+    temp, f = _create_temp(path)
+    try:
+        with f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _commit([(temp, path)])
+    except BaseException:
+        _remove(temp)
+        raise
+    return path

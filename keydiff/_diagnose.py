@@ -3,6 +3,7 @@ to re-initialise, a width or depth variant, a position embedding of another size
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,11 +86,13 @@ def _depth(keys: Sequence[str]) -> tuple[str, int] | None:
 
 def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix, *, container: str,
              alternatives: Sequence[str], non_tensor: Sequence[str], notes: Sequence[str],
-             depth_hint: Callable[[list[int]], str | None] | None = None) -> tuple[Diagnosis, ...]:
+             depth_hint: Callable[[list[int]], str | None] | None = None,
+             classifier: Callable[[], Sequence[str]] | None = None) -> tuple[Diagnosis, ...]:
     """Every diagnosis the facts support, most important first.
 
     ``depth_hint`` turns the checkpoint's block counts into the model argument that builds that depth
-    (``depth=4``), when the caller knows the model's spec.
+    (``depth=4``), when the caller knows the model's spec. ``classifier`` gives the model's classifier modules
+    (timm's ``pretrained_cfg['classifier']``: ``fc`` for a ResNet), called only when no key is named a head.
     """
     out: list[Diagnosis] = []
     filled = len(model) - len(mapping.missing)
@@ -117,7 +120,8 @@ def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix,
         out.append(Diagnosis(kind="non_tensor", message=(
             f"{len(non_tensor)} non-tensor entr{'y' if len(non_tensor) == 1 else 'ies'} in the tensor dict ignored: "
             + ", ".join(non_tensor[:5]))))
-    out.extend(_head(mapping))
+    heads = _head(mapping, classifier)
+    out.extend(heads)
     missing = {m.key: m.shape for m in mapping.missing}
     unused = {u.key: u.shape for u in mapping.unused}
     out.extend(_pos_embed(missing, unused))
@@ -134,6 +138,11 @@ def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix,
     if missing:
         # a width cause only where sizes really differ: a deeper variant repeats the same sizes more often
         wm, wc = _widths(model), _widths(checkpoint)
+        if heads and heads[0].level == "warning":
+            # a head of another size changes the 1-D sizes by its class counts only: that is the head cause
+            classes = re.search(r"checkpoint has (\d+) classes, model (\d+)", heads[0].message)
+            if classes:
+                wc, wm = wc - {int(classes.group(1))}, wm - {int(classes.group(2))}
         if wm and wc and wm != wc and not depths:
             only_m, only_c = _most_common(model, wm - wc), _most_common(checkpoint, wc - wm)
             if only_m and only_c:
@@ -143,9 +152,14 @@ def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix,
     return tuple(out)
 
 
-def _head(mapping: KeyMap) -> list[Diagnosis]:
+def _head(mapping: KeyMap, classifier: Callable[[], Sequence[str]] | None = None) -> list[Diagnosis]:
     heads_m = [m for m in mapping.missing if _is(m.key, "head") and len(m.shape) == 2]
     heads_c = [u for u in mapping.unused if _is(u.key, "head") and len(u.shape) == 2]
+    if not heads_m and classifier is not None and any(len(m.shape) == 2 for m in mapping.missing):
+        # the head is called something else (a ResNet's `fc`): the model says which modules classify
+        names = tuple(classifier())
+        heads_m = [m for m in mapping.missing if len(m.shape) == 2 and m.key.rpartition(".")[0] in names]
+        heads_c = heads_c or [u for u in mapping.unused if len(u.shape) == 2 and u.key.rpartition(".")[0] in names]
     if heads_c and not heads_m:
         return [Diagnosis(kind="head", message=(
             f"the checkpoint's head ({heads_c[0].key}, {heads_c[0].shape[0]} outputs) has no place in the model; "

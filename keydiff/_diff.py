@@ -50,7 +50,7 @@ class _InMemory:
         return ((k, self._tensors[k]) for k in keys)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class Diff:
     """The result of comparing a model's keys with a checkpoint's: facts, a mapping, and the causes.
 
@@ -187,6 +187,15 @@ class Diff:
 
         return _rich.mimebundle(self)
 
+    def __repr__(self) -> str:
+        """The verdict and the counts, for a plain interpreter; rich and Jupyter show the whole report."""
+        from keydiff._render import _rich
+
+        m = self.mapping
+        return (f"Diff({_rich.verdict(self).plain}; model {self.model.origin!r} ({len(self.model)} keys), "
+                f"checkpoint {self.checkpoint.origin!r} ({len(self.checkpoint)} keys): {len(m.entries)} entries, "
+                f"{len(m.missing)} missing, {len(m.unused)} unused, {len(self.diagnoses)} diagnoses)")
+
 
 @dataclass(frozen=True, slots=True)
 class ClusterRow:
@@ -259,7 +268,9 @@ def _model_side(model: Any, model_args: Mapping[str, Any], unsafe_pickle: bool) 
         from keydiff._sources import is_checkpoint_path, read_checkpoint
 
         spec = os.fspath(model)
-        if is_checkpoint_path(spec):
+        from keydiff._hub import model_folder
+
+        if is_checkpoint_path(spec) and model_folder(spec) is None:
             ks = read_checkpoint(spec, unsafe_pickle=unsafe_pickle).keys
             return ks if ks.order_is_evidence else _reorder(ks)
         return read_model(spec, model_args)
@@ -330,10 +341,31 @@ def diff(model: Any, checkpoint: Any, *, key: str | None = None, unsafe_pickle: 
         facts = dict(container=ckpt.container, alternatives=ckpt.alternatives, non_tensor=ckpt.non_tensor_keys)
         return compare_keys(model_keys, ckpt.keys, source=ckpt, min_confidence=min_confidence,
                             checkpoint_format=ckpt.fmt, _folded_checkpoint=ahead,
-                            depth_hint=_depth_hint(model, model_args), **facts)
+                            depth_hint=_depth_hint(model, model_args), classifier=_classifier(model), **facts)
     tensors = checkpoint.state_dict() if hasattr(checkpoint, "state_dict") else checkpoint
     return compare_keys(model_keys, keyset_of(tensors, origin="state dict"), source=_InMemory(tensors),
-                        min_confidence=min_confidence, checkpoint_format="memory")
+                        min_confidence=min_confidence, checkpoint_format="memory", classifier=_classifier(model))
+
+
+def _classifier(model: Any) -> Any:
+    """The model's classifier module names (timm's ``pretrained_cfg['classifier']``), looked up only when asked."""
+    def names() -> tuple[str, ...]:
+        cfg: Any = getattr(model, "pretrained_cfg", None)
+        if isinstance(model, str):
+            from keydiff._sources import is_checkpoint_path
+
+            if is_checkpoint_path(model) or ":" in model:
+                return ()
+            try:
+                from timm.models import get_pretrained_cfg
+
+                cfg = get_pretrained_cfg(model)
+            except Exception:  # no timm, or a name timm has no configuration for
+                return ()
+        value = cfg.get("classifier") if isinstance(cfg, Mapping) else getattr(cfg, "classifier", None)
+        return (value,) if isinstance(value, str) else tuple(value or ())
+
+    return names
 
 
 def _depth_hint(model: Any, model_args: Mapping[str, Any]) -> Any:
@@ -353,7 +385,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
                  min_confidence: float = DEFAULT_MIN_CONFIDENCE, container: str = "",
                  alternatives: tuple[str, ...] = (), non_tensor: tuple[str, ...] = (),
                  checkpoint_format: str = "", _folded_checkpoint: Folding | None = None,
-                 depth_hint: Any = None) -> Diff:
+                 depth_hint: Any = None, classifier: Any = None) -> Diff:
     """The engine: compare two key sets; no file is read."""
     prefix = find_prefix(list(checkpoint), model.keys(), checkpoint.origin)
     if prefix.strip or prefix.add:
@@ -402,7 +434,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     if tower:
         mapping = _other_towers(mapping, tower, to_model)
     diagnoses = diagnose(model, checkpoint, mapping, prefix, container=container, alternatives=alternatives,
-                         non_tensor=non_tensor, notes=notes, depth_hint=depth_hint)
+                         non_tensor=non_tensor, notes=notes, depth_hint=depth_hint, classifier=classifier)
     return Diff(model=model, checkpoint=checkpoint, mapping=mapping, proposals=tuple(entries), diagnoses=diagnoses,
                 min_confidence=min_confidence, checkpoint_format=checkpoint_format, source=source)
 

@@ -53,7 +53,7 @@ _DTYPE_BYTES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class KeySet(Mapping[str, TensorInfo]):
     """An ordered, immutable ``key -> TensorInfo`` table: one side of a diff.
 
@@ -75,6 +75,10 @@ class KeySet(Mapping[str, TensorInfo]):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", dict(self.items_))
+
+    def __repr__(self) -> str:
+        first = ", ".join(k for k, _ in self.items_[:3]) + (", ..." if len(self.items_) > 3 else "")
+        return f"KeySet(origin={self.origin!r}, {len(self.items_)} keys: {first})"
 
     @classmethod
     def from_items(

@@ -152,7 +152,7 @@ class Unwrap:
     """Prefix the model's keys carry that the checkpoint's lack."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class KeyMap:
     """A complete, applicable mapping from a checkpoint's keys to a model's.
 
@@ -184,6 +184,10 @@ class KeyMap:
     def complete(self) -> bool:
         """True when every model key is filled."""
         return not self.missing
+
+    def __repr__(self) -> str:
+        return (f"KeyMap(model={self.model!r}, checkpoint={self.checkpoint!r}: {len(self.entries)} entries, "
+                f"{len(self.rules)} rules, {len(self.missing)} missing, {len(self.unused)} unused)")
 
     @property
     def unexplained(self) -> tuple[Leftover, ...]:

@@ -91,6 +91,11 @@ def model_factory(spec: str) -> Callable[..., nn.Module]:
     Raises:
         ModelError: unknown timm name (close names are suggested), or the module or class cannot be imported.
     """
+    from keydiff._hub import folder_factory, model_folder
+
+    folder = model_folder(spec)
+    if folder is not None:  # a folder with config.json, a Hugging Face cache folder or repo id, hf-hub:org/name
+        return folder_factory(folder)
     if spec.startswith("transformers:"):
         try:
             import transformers
@@ -124,7 +129,9 @@ def read_model(spec: str, model_args: Mapping[str, Any] | None = None) -> KeySet
         ModelError: unknown name (close names are suggested), import failure, or the model fails to build.
     """
     kwargs = dict(model_args or {})
-    timm_name = ":" not in spec
+    from keydiff._hub import model_folder
+
+    timm_name = ":" not in spec and model_folder(spec) is None
     if timm_name:
         from keydiff._cache import load_model_keys
 

@@ -79,7 +79,7 @@ class Change:
     """What running showed."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class Proof:
     """The result of running the source model and the converted target: the verified diff and what changed."""
 
@@ -117,6 +117,12 @@ class Proof:
         from keydiff._render import _rich
 
         yield from _rich.render_diff(self.diff, proof=self)
+
+    def __repr__(self) -> str:
+        from keydiff._render import _rich
+
+        return (f"Proof({_rich.proof_verdict(self).plain}; {len(self.changes)} changes, {self.trials} trials; "
+                f"diff={self.diff!r})")
 
 
 def prove(d: Diff, source: nn.Module, target: nn.Module, *, input_shape: tuple[int, ...] | None = None,

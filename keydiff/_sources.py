@@ -27,7 +27,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from keydiff._errors import CheckpointError, CheckpointNotFound, KeydiffError, UnsafePickle, UsageError
+from keydiff._hub import local_path
 from keydiff._keys import KeySet, TensorInfo, natural_key
+from keydiff._plain import plain_data, plain_globals
 
 if TYPE_CHECKING:
     import torch
@@ -356,7 +358,8 @@ def read_checkpoint(
     """Read a checkpoint's keys, shapes and dtypes, and find its tensor dict.
 
     Args:
-        path: A ``.safetensors`` file, a sharded ``*.index.json``, a directory holding either, or a torch file.
+        path: A ``.safetensors`` file, a sharded ``*.index.json``, a directory holding either, or a torch file; a
+            Hugging Face repo id or cache folder (``models--org--name``) is read from the local cache's snapshot.
         key: Dotted path of the tensor dict to use (``"model_ema"``); by default the live weights are chosen.
         unsafe_pickle: Let pickles run code while loading. Only for trusted files.
 
@@ -374,7 +377,7 @@ def read_checkpoint(
         >>> ckpt.container, ckpt.other_entries  # doctest: +SKIP
         ('state_dict', ('epoch', 'global_step', 'optimizer_states'))
     """
-    shown = os.fspath(path)
+    shown = local_path(os.fspath(path))  # a Hugging Face repo id or cache folder: its snapshot, offline
     if not os.path.exists(shown):
         raise CheckpointNotFound(shown)
     if os.path.isdir(shown):
@@ -572,9 +575,12 @@ def _load_pickled(path: str, *, unsafe_pickle: bool) -> tuple[object, str]:
         return _load_plain_pickle(path, unsafe_pickle=unsafe_pickle), kind
     import torch
 
-    with _translating(path), warnings.catch_warnings():
+    with _translating(path), warnings.catch_warnings(), ExitStack() as stack:
         # torch warns about pickle protocols it did not write; the outcome is reported through our errors instead.
         warnings.simplefilter("ignore")
+        if not unsafe_pickle:
+            # argparse.Namespace, numpy scalars, datetime...: plain data trainers save beside the weights
+            stack.enter_context(plain_data())
         # mmap leaves zip storages on disk until a tensor is touched; the legacy format cannot be mapped.
         obj = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=kind == "torch-zip")
     return obj, kind
@@ -596,7 +602,7 @@ def _load_plain_pickle(path: str, *, unsafe_pickle: bool) -> object:
             with _translating(path):
                 return pickle.load(f)  # the caller vouched for this file
         globals_ = _pickle_globals(f)
-        unsafe = sorted(set(globals_).difference(_PLAIN_PICKLE_GLOBALS), key=natural_key)
+        unsafe = sorted(set(globals_).difference(_PLAIN_PICKLE_GLOBALS, plain_globals()), key=natural_key)
         if unsafe:
             # Name the globals torch would refuse too (a tensor's own rebuild function is not news), if any.
             worst = [g for g in unsafe if g not in _torch_allowed_globals()] or unsafe
@@ -610,8 +616,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Loads pickles of plain data; every other global is refused, so no pickled code can run."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if f"{module}.{name}" in _PLAIN_PICKLE_GLOBALS:
+        full = f"{module}.{name}"
+        if full in _PLAIN_PICKLE_GLOBALS:
             return super().find_class(module, name)
+        if full in plain_globals():
+            return plain_globals()[full]
         raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
 
 
@@ -702,7 +711,7 @@ def _torch_allowed_globals() -> frozenset[str]:
 
         extra = serialization.get_safe_globals()
         safe = {f"{g.__module__}.{g.__qualname__}" for g in extra if hasattr(g, "__qualname__")}
-        return frozenset(_get_allowed_globals()) | safe
+        return frozenset(_get_allowed_globals()) | safe | frozenset(plain_globals())
     except (ImportError, AttributeError, TypeError):
         # A private torch API: without it every global is reported, which only makes the message longer.
         return frozenset()

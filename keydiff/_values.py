@@ -107,6 +107,15 @@ class TensorChange:
     identical: bool
     """Bit-exact: same dtype and the same bytes."""
 
+    a_all_zero: bool = False
+    """A's tensor is all zero (then ``rel_change`` and ``cosine`` say nothing about B's)."""
+
+    @property
+    def was_zero(self) -> bool:
+        """A is all zero and B is not (and finite): no relative change or cosine exists (reported as "was
+        zero"); NaN or Inf in B stays a non-finite change."""
+        return self.a_all_zero and self.rel_change != 0 and math.isfinite(self.max_abs_diff)
+
     @property
     def cluster(self) -> str:
         """The key's template, ``blocks.{}.attn.qkv.weight``."""
@@ -131,8 +140,13 @@ class ClusterChange:
     """Smallest cosine similarity."""
     max_abs_diff: float
     """Largest ``max_abs_diff``."""
+    was_zero: int = 0
+    """How many tensors are all zero in A and not in B; the relative changes and cosine are of the others (NaN
+    when there are none)."""
 
     def __str__(self) -> str:
+        if self.was_zero == self.tensors:
+            return f"{self.cluster}: was zero in A"
         return f"{self.cluster}: median rel. change {format_change(self.median_rel_change)}"
 
 
@@ -153,6 +167,10 @@ def format_change(x: float) -> str:
 
 def _nan_last(x: float) -> float:
     return math.inf if math.isnan(x) else x
+
+
+def _nan_first(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)
@@ -191,15 +209,20 @@ class ValueDiff:
             groups.setdefault(c.cluster, []).append(c)
         out = []
         for tpl, members in groups.items():
-            rel = [c.rel_change for c in members]
+            # a tensor that was zero in A has no relative change or cosine: the others' are summarised
+            measured = [c for c in members if not c.was_zero]
+            rel = [c.rel_change for c in measured]
             out.append(ClusterChange(
                 cluster=fill_template(tpl, [template_of(c.key)[1] for c in members]), tensors=len(members),
                 identical=sum(c.identical for c in members),
-                median_rel_change=math.nan if any(map(math.isnan, rel)) else statistics.median(rel),
-                max_rel_change=max(rel, key=_nan_last), min_cosine=min(c.cosine for c in members),
-                max_abs_diff=max((c.max_abs_diff for c in members), key=_nan_last)))
-        out.sort(key=lambda g: (-_nan_last(g.median_rel_change), -_nan_last(g.max_rel_change),
-                                natural_key(g.cluster)))
+                median_rel_change=math.nan if not rel or any(map(math.isnan, rel)) else statistics.median(rel),
+                max_rel_change=max(rel, key=_nan_last, default=math.nan),
+                min_cosine=min((c.cosine for c in measured), key=_nan_first, default=math.nan),
+                max_abs_diff=max((c.max_abs_diff for c in members), key=_nan_last),
+                was_zero=len(members) - len(measured)))
+        # most changed first: NaN (non-finite values), then clusters that were zero in A, then by change
+        out.sort(key=lambda g: (-_nan_last(g.median_rel_change) if g.was_zero < g.tensors else -math.inf,
+                                -_nan_last(g.max_rel_change), natural_key(g.cluster)))
         return tuple(out)
 
     def to_frame(self) -> pd.DataFrame:
@@ -285,7 +308,8 @@ def _change(key: str, source: tuple[str, ...], op: str, a: torch.Tensor, b: torc
     cosine = dot / math.sqrt(ssa * ssb) if ssa > 0 and ssb > 0 else 1.0 if ssa == ssb == 0 else math.nan
     return TensorChange(key=key, source=source, op=op, shape=tuple(a.shape),
                         dtype_a=str(a.dtype).removeprefix("torch."), dtype_b=str(b.dtype).removeprefix("torch."),
-                        max_abs_diff=max_abs, rel_change=rel, cosine=cosine, identical=identical)
+                        max_abs_diff=max_abs, rel_change=rel, cosine=cosine, identical=identical,
+                        a_all_zero=ssa == 0)
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

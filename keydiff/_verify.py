@@ -11,8 +11,9 @@ result into the target, and compares every output of the source with the target'
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from keydiff._errors import ModelError
@@ -39,6 +40,9 @@ class OutputCheck:
     target: str
     max_abs_diff: float | None
     rel_diff: float | None
+    note: str = ""
+    """Why a differing output does not count against the verdict (another output agrees, and this one is not
+    computed by the target)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +64,17 @@ class Verification:
         from rich.text import Text
 
         table = Table(title=f"Outputs on a random input {list(self.input_shape)}", title_justify="left")
-        for col in ("source output", "shape", "target output", "max abs diff", "rel. diff"):
+        notes = any(c.note for c in self.checks)
+        for col in ("source output", "shape", "target output", "max abs diff", "rel. diff") + (
+                ("does not count because",) if notes else ()):
             table.add_column(col)
         for c in self.checks:
             same = c.rel_diff is not None and c.rel_diff <= self.tolerance
             table.add_row(c.source, str(list(c.shape)), c.target or "(no output of this shape)",
                           "" if c.max_abs_diff is None else f"{c.max_abs_diff:.3g}",
-                          Text("" if c.rel_diff is None else f"{c.rel_diff:.2e}", style="green" if same else "red"))
+                          Text("" if c.rel_diff is None else f"{c.rel_diff:.2e}",
+                               style="green" if same else "dim" if c.note else "red"),
+                          *((Text(c.note, style="dim"),) if notes else ()))
         return table
 
     def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
@@ -146,15 +154,50 @@ def input_shape_for(model: nn.Module) -> tuple[int, ...]:
 
 
 def load_source(source: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load the checkpoint into the source model, strictly.
+    """Load the checkpoint into the source model, strictly: as stored, else after the renames the source's own
+    library applies when it loads (transformers' ``from_pretrained`` renames ``encoder.layer.`` to ``layers.``...).
 
     Raises:
-        ModelError: the checkpoint is not the source model's (missing, unexpected or misshapen keys).
+        ModelError: the checkpoint is not the source model's (missing, unexpected or misshapen keys); the message
+            holds torch's whole error.
     """
     try:
         source.load_state_dict(state_dict, strict=True)
+        return
     except RuntimeError as exc:
-        raise ModelError(f"the checkpoint does not load into the source model: {str(exc).splitlines()[0]}") from exc
+        error = exc
+    renamed = _library_renames(source, state_dict)
+    if renamed is not None:
+        try:
+            source.load_state_dict(renamed, strict=True)
+            return
+        except RuntimeError:
+            pass  # the error as stored says more than the one after renaming
+    raise ModelError(f"the checkpoint does not load into the source model: {one_line(error)}") from error
+
+
+def _library_renames(source: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The checkpoint under the names the source's library loads it with, or None when it renames nothing.
+
+    transformers (5 and later) loads files written under older names through the model's own list of renames
+    (``get_model_conversion_mapping``); only the pure renames are applied here, so tensors are never changed.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [t for t in get_model_conversion_mapping(source) if isinstance(t, WeightRenaming)]
+        if not renamings:
+            return None
+        out = {rename_source_key(k, renamings, [])[0]: v for k, v in state_dict.items()}
+    except Exception:  # not a transformers model, or another transformers: nothing to rename with
+        return None
+    return out if len(out) == len(state_dict) and set(out) != set(state_dict) else None
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message on one line, whole: torch's state-dict errors put every key list on a line of its own."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def random_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -182,7 +225,7 @@ def verify(source: nn.Module, state_dict: Mapping[str, torch.Tensor], target: nn
     try:
         target.load_state_dict(mapping.apply(state_dict), strict=not partial)
     except RuntimeError as exc:
-        raise ModelError(f"the converted checkpoint does not load into the target: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"the converted checkpoint does not load into the target: {one_line(exc)}") from exc
     shape = tuple(input_shape or input_shape_for(target))
     x = random_input(shape, seed)
     with torch.no_grad():
@@ -202,7 +245,23 @@ def verify(source: nn.Module, state_dict: Mapping[str, torch.Tensor], target: nn
                 best = (rel, diff, tname)
         checks.append(OutputCheck(name, tuple(a.shape), best[2] if best else "", best[1] if best else None,
                                   best[0] if best else None))
-    return Verification(tuple(checks), shape, tolerance)
+    result = Verification(tuple(checks), shape, tolerance)
+    if not result.ok:
+        return result
+    unused = [u.key for u in mapping.unused]
+    return Verification(tuple(c if c.rel_diff is not None and c.rel_diff <= tolerance else
+                              replace(c, note=_why_not_counted(c, unused)) for c in checks), shape, tolerance)
+
+
+def _why_not_counted(check: OutputCheck, unused: list[str]) -> str:
+    """Why an output that differs does not count, when another output agrees: the checkpoint tensors that compute
+    it have no place in the target (``pooler_output`` from ``pooler.dense.*``), or the target has no such output."""
+    words = set(re.findall(r"[a-z]+", check.source.lower())) - {"output", "outputs", "last", "hidden", "state"}
+    used_by = [k for k in unused if words & set(re.findall(r"[a-z]+", k.lower().rpartition(".")[0]))]
+    if used_by:
+        shown = ", ".join(used_by[:2]) + (f" and {len(used_by) - 2} more" if len(used_by) > 2 else "")
+        return f"computed from checkpoint tensors the target has no place for ({shown})"
+    return "the target computes no such output (another output of the source agrees)"
 
 
 Activation = tuple["torch.Tensor", ...]

@@ -32,6 +32,9 @@ __all__ = ["app", "main"]
 
 _HELP = """Why a checkpoint does not load into a model, and the mapping that fixes it.
 
+`keydiff MODEL CHECKPOINT` is the diff (short for `keydiff diff MODEL CHECKPOINT`); see `keydiff diff -h` for its
+options.
+
 \b
   keydiff MODEL CHECKPOINT [-m KEY=VALUE]... [--json MAP] [-o OUT]
   keydiff MODEL CHECKPOINT --source SOURCE [-s KEY=VALUE]...
@@ -43,8 +46,23 @@ Exit codes: 0 every model key is filled (with --source: and the outputs agree); 
 outputs differ); 2 bad input or usage.
 """
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help=_HELP)
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help=_HELP,
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from keydiff import __version__
+
+        print(f"keydiff {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", "-V", callback=_show_version, is_eager=True, help="Show the version and exit.")] = False) -> None:
+    pass
 
 ModelArgs = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045 - typer reads Optional at runtime
     "-m", "--model-arg", metavar="KEY=VALUE",
@@ -56,7 +74,8 @@ UnsafePickle = Annotated[bool, typer.Option(
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No report, no progress; exit code only.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks (for bug reports).")]
 Output = Annotated[Optional[Path], typer.Option(  # noqa: UP045
-    "-o", "--output", help="Write the converted checkpoint here (safetensors), atomically.")]
+    "-o", "--output", help="Write the converted checkpoint here, atomically: .safetensors, or a torch file "
+                           "(.pt, .pth, .bin).")]
 Partial = Annotated[bool, typer.Option("--partial", help="Write the output even if some model keys stay unresolved.")]
 ShardSize = Annotated[Optional[str], typer.Option(  # noqa: UP045
     "--max-shard-size", help="Write sharded safetensors with an index (e.g. 5GB, 500MB).")]
@@ -112,7 +131,26 @@ def _check_output(path: Path, inputs: list[str], what: str) -> Path:
             raise OutputError(f"{path}: refusing to write the {what} over an input file")
     if not target.parent.is_dir():
         raise OutputError(f"{path}: directory {target.parent} does not exist")
+    if target.is_dir():
+        raise OutputError(f"{path}: is a directory; name a file")
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise OutputError(f"{path}: not writable here (permissions of {target.parent})")
     return target
+
+
+def _check_checkpoint_output(path: Path, inputs: list[str], shard: int | None) -> None:
+    """Refuse, before any work, an output whose suffix names no format keydiff writes, or that cannot be written."""
+    from keydiff._convert import TORCH_OUTPUT_SUFFIXES
+
+    name = path.name.lower()
+    if name.endswith(TORCH_OUTPUT_SUFFIXES):
+        if shard is not None:
+            raise UsageError(f"-o {path}: --max-shard-size writes sharded safetensors; name the output "
+                             "model.safetensors (a torch file is one file)")
+    elif not name.endswith((".safetensors", ".index.json")) and not (shard is not None and path.is_dir()):
+        raise UsageError(f"-o {path}: the suffix picks the format: .safetensors, or .pt/.pth/.bin for a torch file "
+                         "(torch.save)")
+    _check_output(path / "model.safetensors.index.json" if path.is_dir() else path, inputs, "converted checkpoint")
 
 
 def _write_text(path: Path, text: str | Callable[[TextIO], None], inputs: list[str], what: str) -> None:
@@ -184,12 +222,14 @@ def _convert(mapping, source, keys, output: Path, inputs: list[str], shard: int 
                                tick=lambda: progress.advance(task))
 
 
-@app.command("diff")
+@app.command("diff", short_help="The default: `keydiff MODEL CHECKPOINT` explains why CHECKPOINT does not load "
+                                 "into MODEL, proposes a mapping and converts it (-o).")
 def diff_command(
-    model: Annotated[str, typer.Argument(
+    model: Annotated[str, typer.Argument(metavar="MODEL",
         help="timm model name, package.module:callable, transformers:ModelClass, or a checkpoint file.")],
-    checkpoint: Annotated[Path, typer.Argument(
-        help="Checkpoint: .safetensors, sharded index/dir, .pth/.pt/.bin/.ckpt.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
+        help="Checkpoint: .safetensors, sharded index/dir, .pth/.pt/.bin/.ckpt, a Hugging Face repo id or cache "
+             "folder (read from the local cache).")],
     model_arg: ModelArgs = None,
     key: ContainerKey = None,
     json_path: Annotated[Optional[Path], typer.Option(  # noqa: UP045
@@ -222,19 +262,23 @@ def diff_command(
     With --source, prove it: exit 0 only when the converted model reproduces the source's outputs.
     """
     from keydiff._diff import diff
+    from keydiff._hub import config_args, model_folder
     from keydiff._model import parse_model_args
     from keydiff._render._rich import render_diff
     from keydiff._sources import is_checkpoint_path
 
     _warn_unsafe(unsafe_pickle)
-    args = parse_model_args(model_arg or [])
+    # transformers:ModelClass beside a checkpoint folder with config.json: that config, -m on top
+    args = {**config_args(model, str(checkpoint)), **parse_model_args(model_arg or [])}
     shard = _size(max_shard_size)
     inputs = [str(checkpoint)] + ([model] if Path(model).exists() else [])
     _report_format(report)
     for path, what in ((json_path, "mapping"), (report, "report"), (emit_python, "generated code")):
         if path is not None:
             _check_output(path, inputs, what)
-    model_is_file = Path(model).exists() and is_checkpoint_path(model)
+    if output is not None:
+        _check_checkpoint_output(output, inputs, shard)
+    model_is_file = Path(model).exists() and is_checkpoint_path(model) and model_folder(model) is None
     if values and not model_is_file:
         raise UsageError(f"--values compares the values of two checkpoints: MODEL must be a checkpoint file, got "
                          f"{model!r}")
@@ -253,7 +297,8 @@ def diff_command(
     budget = 10**9 if show_all else 40
     # the report is built only for someone to read: on screen, or in --report
     shown = not quiet or report is not None
-    parts = list(render_diff(d, budget=budget, show_exact=show_all, proof=proof)) if shown else []
+    parts = list(render_diff(d, budget=budget, show_exact=show_all, proof=proof, partial=partial,
+                             output=str(output) if output else None)) if shown else []
     if values:
         from keydiff._render._values import render_values
         from keydiff._sources import read_checkpoint
@@ -307,10 +352,11 @@ def _prove(d: Diff, source: str, source_args: dict[str, Any], model: str, model_
                      tolerance=tolerance, source_name=source)
 
 
-@app.command("apply")
+@app.command("apply", short_help="Apply a saved mapping (--json) to a checkpoint and write the converted "
+                                  "checkpoint.")
 def apply_command(
-    mapping: Annotated[Path, typer.Argument(help="A mapping written by keydiff --json.")],
-    checkpoint: Annotated[Path, typer.Argument(help="The checkpoint to convert.")],
+    mapping: Annotated[Path, typer.Argument(metavar="MAP.json", help="A mapping written by keydiff --json.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="The checkpoint to convert.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the converted safetensors.")],
     key: ContainerKey = None,
     max_shard_size: ShardSize = None,
@@ -323,6 +369,7 @@ def apply_command(
     from keydiff._sources import read_checkpoint
 
     _warn_unsafe(unsafe_pickle)
+    _check_checkpoint_output(output, [str(checkpoint), str(mapping)], _size(max_shard_size))
     km = load_mapping(mapping)
     ckpt = read_checkpoint(checkpoint, key=key if key is not None else (km.unwrap.container or None),
                            unsafe_pickle=unsafe_pickle)
@@ -332,12 +379,13 @@ def apply_command(
     return 0
 
 
-@app.command("verify")
+@app.command("verify", short_help="Run the source model and the converted target on one input: prove the "
+                                   "conversion computes the same function.")
 def verify_command(
-    source: Annotated[str, typer.Argument(help="Source model: timm name, package.module:callable, or "
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="Source model: timm name, package.module:callable, or "
                                                "transformers:ModelClass (built from its config).")],
-    checkpoint: Annotated[Path, typer.Argument(help="The source model's checkpoint.")],
-    target: Annotated[str, typer.Argument(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="The source model's checkpoint.")],
+    target: Annotated[str, typer.Argument(metavar="TARGET",
         help="Target model: timm name, package.module:callable or transformers:ModelClass.")],
     source_arg: SourceArgs = None,
     model_arg: ModelArgs = None,
@@ -352,6 +400,7 @@ def verify_command(
 ) -> int:
     """Prove a conversion: run the source model and the converted target on the same random input."""
     from keydiff._diff import diff
+    from keydiff._hub import config_args
     from keydiff._mapping import load_mapping
     from keydiff._model import parse_model_args
     from keydiff._verify import build_source, verify
@@ -367,16 +416,17 @@ def verify_command(
                       f"{checkpoint} to see why[/red]")
         return 1
     state = dict(d.source.tensors(list(d.checkpoint)))
-    src_model = build_source(source, parse_model_args(source_arg or []))
+    src_model = build_source(source, {**config_args(source, str(checkpoint)), **parse_model_args(source_arg or [])})
     tgt_model = build_source(target, target_args)
     result = verify(src_model, state, tgt_model, km, input_shape=shape, tolerance=tolerance)
     console.print(result)
     return 0 if result.ok else 1
 
 
-@app.command("stats")
+@app.command("stats", short_help="Per-tensor statistics of a checkpoint, NaN/Inf and all-zero tensors first.")
 def stats_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, sharded, .pth/.pt/.bin/.ckpt.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
+                                               help="Checkpoint: .safetensors, sharded, .pth/.pt/.bin/.ckpt.")],
     key: ContainerKey = None,
     csv: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--csv", help="Write every tensor's statistics as CSV.")] = None,
@@ -417,12 +467,13 @@ def stats_command(
 
 
 _COMMANDS = {"diff", "apply", "verify", "stats"}
+_ROOT_OPTIONS = {"--version", "-V", "-h", "--help", "--install-completion", "--show-completion"}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. ``keydiff MODEL CKPT`` is short for ``keydiff diff MODEL CKPT``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] not in _COMMANDS and not args[0].startswith("-"):
+    if args and args[0] not in _COMMANDS and args[0] not in _ROOT_OPTIONS:
         args.insert(0, "diff")
     debug = "--debug" in args or os.environ.get("KEYDIFF_DEBUG") == "1"
     try:

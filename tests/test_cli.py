@@ -153,3 +153,28 @@ def test_console_script_runs_as_a_process(renamed):
 def test_help_lists_the_commands():
     proc = subprocess.run([sys.executable, "-m", "keydiff", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "apply" in proc.stdout and "diff" in proc.stdout
+
+
+def test_cli_conventions_version_h_and_completion(capsys):
+    """Issue 13.8: --version, -h and tab completion."""
+    from keydiff import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"keydiff {__version__}"
+    assert main(["-h"]) == 0
+    assert "--install-completion" in capsys.readouterr().out
+    assert main(["diff", "-h"]) == 0
+    assert "MODEL" in capsys.readouterr().out
+
+
+def test_top_level_help_lists_every_command_whole(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    commands = out[out.index("Commands:"):]
+    for name in ("diff", "apply", "verify", "stats"):
+        assert f"\n  {name} " in commands
+    assert "..." not in commands  # descriptions are not cut
+    assert "`keydiff MODEL CHECKPOINT` is the diff" in " ".join(out.split())
+    assert main(["diff", "--help"]) == 0
+    assert "MODEL" in capsys.readouterr().out.splitlines()[0]  # arguments shown by name

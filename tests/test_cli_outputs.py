@@ -149,3 +149,33 @@ def test_help_names_the_new_command_and_options_without_importing_torch():
     assert proc.stdout.rstrip().endswith("[]")
     for option in ("keydiff stats CHECKPOINT", "--csv", "--values", "--report", "--emit-python"):
         assert option in proc.stdout
+
+
+VIT_TINY = ["vit_base_patch16_224", "fixtures/vit_tiny_renamed.safetensors", "-m", "embed_dim=16", "-m", "depth=2",
+            "-m", "num_heads=2", "-m", "img_size=16", "-m", "patch_size=8", "-m", "num_classes=0"]
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".bin"])
+def test_output_suffix_picks_a_torch_file(tmp_path, suffix):
+    """Issue 13.5: -o out.pth wrote safetensors, which torch.load cannot read."""
+    import timm
+    import torch
+
+    out = tmp_path / f"out{suffix}"
+    assert main([*VIT_TINY, "-o", str(out), "-q"]) == 0
+    sd = torch.load(out, weights_only=True)
+    model = timm.create_model("vit_base_patch16_224", embed_dim=16, depth=2, num_heads=2, img_size=16,
+                              patch_size=8, num_classes=0)
+    model.load_state_dict(sd, strict=True)
+
+
+@pytest.mark.parametrize(("output", "message"), [
+    ("out.txt", "the suffix picks the format"),
+    ("missing/out.safetensors", "does not exist"),
+    ("fixtures/vit_tiny_renamed.safetensors", "over an input file"),
+])
+def test_bad_output_is_refused_before_any_work(tmp_path, capsys, output, message, monkeypatch):
+    monkeypatch.setattr("keydiff._diff.diff", lambda *a, **k: pytest.fail("work done before checking -o"))
+    target = output if output.startswith("fixtures") else str(tmp_path / output)
+    assert main([*VIT_TINY, "-o", target]) == 2
+    assert message in capsys.readouterr().err

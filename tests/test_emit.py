@@ -177,3 +177,19 @@ def test_incomplete_mapping_says_so():
     code = emit_python(incomplete)
     assert "INCOMPLETE: 1 model keys have no source" in " ".join(code.split())
     _ruff(code)
+
+
+def test_long_keys_need_no_noqa_and_pass_plain_ruff_isolated():
+    """Issue 13.10: `ruff check --isolated` (its default rules) found 4 unused `# noqa: E501`."""
+    if RUFF is None:
+        pytest.skip("ruff is not installed")
+    long = "very_long_module_name_segment_for_testing_width"
+    model = {f"{long}.{long}.blocks.{i}.{long}.{n}.weight": torch.zeros(4, 4) for i in range(2) for n in ("a", "b")}
+    ckpt = {f"enc.{long}.{long}.layer.{i}.{long}.{n}x.weight": torch.zeros(4, 4) for i in range(2) for n in ("a", "b")}
+    code = keydiff.diff(model, ckpt).to_python()
+    assert "noqa" not in code
+    proc = subprocess.run([RUFF, "check", "--isolated", "--no-cache", "--stdin-filename", "filter.py", "-"],
+                          input=code, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + code
+    _ruff(code)
+    assert sorted(_filter(code)(ckpt)) == sorted(model)

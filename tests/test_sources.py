@@ -286,11 +286,21 @@ def test_whole_module_needs_unsafe_pickle(tmp_path: Path) -> None:
     assert list(ckpt.keys) == list(model.state_dict())
 
 
+class TrainConfig:
+    """A class of the training script's own: code, as far as the loader knows."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+
 def test_unsafe_pickle_names_the_global(tmp_path: Path) -> None:
+    # an argparse.Namespace is plain data and loads (issue 13.1); a class of the script's own does not
     torch.save({"state_dict": _sd(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "timm.pth.tar")
-    with pytest.raises(UnsafePickle, match=r"argparse\.Namespace.*--unsafe-pickle"):
-        read_checkpoint(tmp_path / "timm.pth.tar")
-    assert read_checkpoint(tmp_path / "timm.pth.tar", unsafe_pickle=True).container == "state_dict"
+    assert read_checkpoint(tmp_path / "timm.pth.tar").container == "state_dict"
+    torch.save({"state_dict": _sd(), "args": TrainConfig(lr=0.1)}, tmp_path / "own.pth.tar")
+    with pytest.raises(UnsafePickle, match=r"test_sources\.TrainConfig.*--unsafe-pickle"):
+        read_checkpoint(tmp_path / "own.pth.tar")
+    assert read_checkpoint(tmp_path / "own.pth.tar", unsafe_pickle=True).container == "state_dict"
 
 
 @pytest.mark.parametrize("form", ["torch-zip", "torch-legacy", "pickle-2", "pickle-5"])

@@ -214,3 +214,38 @@ def test_progress_bar_goes_to_stderr_and_changes_nothing(hf, capsys):
     assert d.stats(progress=True).equals(d.stats(progress=False))
     assert keydiff.compare(converted, path, progress=True).changes == keydiff.compare(converted, path).changes
     assert capsys.readouterr().out == ""
+
+
+def test_a_tensor_zero_in_a_says_was_zero(hf, tmp_path):
+    """Issue 13.9: a tensor all zero in A showed a relative change of inf and cosine 1, under a ✗ headline."""
+    path, _, converted = hf
+    a = load_file(str(converted))
+    for k in ("blocks.0.norm1.bias", "blocks.1.norm1.bias", "blocks.0.attn.proj.bias"):
+        a[k] = torch.zeros_like(a[k])
+    zeros = tmp_path / "a.safetensors"
+    save_file(a, str(zeros))
+    vd = keydiff.compare(zeros, path)
+    text = _text(vd)
+    assert text.startswith("≠ 3 of 30 compared tensors changed (27 bit-identical)"), text
+    assert "3 were zero in A" in text and "inf" not in text
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.startswith("│")}
+    norm = rows["blocks.{0,1}.norm1.bias"]
+    assert norm.count("was zero") == 3 and " 1 " not in norm  # rel. changes and cosine: none exists
+    assert "(1 was zero)" in rows["blocks.{0,1}.attn.proj.bias"]
+
+
+def test_stats_list_nan_and_inf_before_all_zero_rows(hf, tmp_path, capsys):
+    """Issue 13.10: an all-zero bias (often meant) was listed above a NaN weight (never meant)."""
+    from keydiff.cli import main
+
+    path, _, _ = hf
+    sd = load_file(str(path))
+    sd["layers.0.mlp.fc1.weight"][3, :5] = float("nan")
+    sd["layers.1.attention.v_proj.bias"][2] = float("-inf")
+    sd["embeddings.cls_token"].zero_()
+    sd["layernorm.bias"].zero_()
+    broken = tmp_path / "broken.safetensors"
+    save_file(sd, str(broken))
+    assert main(["stats", str(broken)]) == 1
+    rows = [line.split("│")[4].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert [r for r in rows if r] == ["nan", "inf", "all zero", "all zero"]

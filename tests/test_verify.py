@@ -245,3 +245,43 @@ def test_what_worked_once_is_tried_at_every_later_block_in_one_trial(tmp_path):
     d = keydiff.diff("vit_base_patch16_224", path, **deeper)
     proof = keydiff.prove(d, plain_vit(depth=4), timm.create_model("vit_base_patch16_224", pretrained=False, **deeper))
     assert proof.proven and proof.trials == 2 and len(proof.changes) == 16
+
+
+def _save_pretrained_vit(tmp_path):
+    import transformers
+
+    cfg = {a.split("=")[0]: eval(a.split("=")[1]) for a in HF_ARGS[1::2]}
+    folder = tmp_path / "vit-hf"
+    transformers.ViTModel(transformers.ViTConfig(**cfg)).save_pretrained(folder)
+    return folder
+
+
+def test_verify_loads_a_save_pretrained_file_the_way_transformers_does(tmp_path, capsys):
+    """Issue 13.2: transformers 5 writes older names (encoder.layer.N.attention.attention.query) than its modules
+    use (layers.N.attention.q_proj); the source is loaded through the library's own renames."""
+    folder = _save_pretrained_vit(tmp_path)
+    pair = next(p for p in CORE_PAIRS if p.name == "hf_vit")
+    code = main(["verify", "transformers:ViTModel", str(folder / "model.safetensors"), pair.target, *HF_ARGS,
+                 *pair.model_args()])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    assert "✓ verified" in captured.out
+
+
+def test_a_source_that_does_not_fit_gets_the_whole_error(tmp_path, capsys):
+    """Issue 13.2: the message stopped at 'Error(s) in loading state_dict for ViTModel:'."""
+    pair, path = _hf_vit(tmp_path)
+    code = main(["verify", "transformers:ViTModel", str(path), pair.target, "-s", "hidden_size=64",
+                 *pair.model_args()])
+    err = capsys.readouterr().err
+    assert code == 2 and "size mismatch for" in err and not err.rstrip().endswith(":"), err
+
+
+def test_outputs_that_do_not_count_say_why(tmp_path, capsys, monkeypatch):
+    """Issue 13.9: pooler_output differed next to '✓ verified' without a word; the target has no pooler."""
+    monkeypatch.setenv("COLUMNS", "250")  # one table line per output
+    pair, path = _hf_vit(tmp_path)
+    assert main(["verify", "transformers:ViTModel", str(path), pair.target, *HF_ARGS, *pair.model_args()]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "does not count because" in out
+    assert "computed from checkpoint tensors the target has no place for (pooler.dense" in out

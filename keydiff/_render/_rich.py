@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from keydiff._render._group import group_entries, group_leftovers
+from keydiff._render._keytext import KeyText
 
 if TYPE_CHECKING:
     from keydiff._diff import Diff
@@ -81,7 +82,7 @@ def render_proof(proof: Proof, budget: int) -> Iterator[RenderableType]:
         for col in ("model key", "was", "now", "why"):
             table.add_column(col, overflow="fold")
         for c in proof.changes[:budget]:
-            table.add_row(escape(c.target), escape(c.was), escape(c.now), escape(c.why))
+            table.add_row(KeyText(c.target), escape(c.was), KeyText(c.now), escape(c.why))
         yield table
         if len(proof.changes) > budget:
             yield Text(f"  … {len(proof.changes) - budget} more changes; use --all to list them", style="dim")
@@ -91,9 +92,11 @@ def render_proof(proof: Proof, budget: int) -> Iterator[RenderableType]:
 
 
 def render_diff(d: Diff, *, budget: int = DEFAULT_BUDGET, show_exact: bool = False,
-                proof: Proof | None = None) -> Iterator[RenderableType]:
+                proof: Proof | None = None, output: str | None = None,
+                partial: bool = False) -> Iterator[RenderableType]:
     """Yield the report's parts, each bounded by ``budget`` rows; with a ``proof`` (``d`` is ``proof.diff``) the
-    verdict says whether running proved the mapping, and what running changed follows the diagnoses."""
+    verdict says whether running proved the mapping, and what running changed follows the diagnoses. ``output``
+    and ``partial`` are what the command line asked for, so the next step does not repeat them."""
     yield verdict(d) if proof is None else proof_verdict(proof)
     yield Text(f"  model: {d.model.origin} ({len(d.model)} keys)   checkpoint: {d.checkpoint.origin} "
                f"({len(d.checkpoint)} keys{', ' + d.checkpoint_format if d.checkpoint_format else ''})"
@@ -111,7 +114,7 @@ def render_diff(d: Diff, *, budget: int = DEFAULT_BUDGET, show_exact: bool = Fal
             table.add_column(col, overflow="fold")
         for g in groups[:budget]:
             conf_style = "green" if g.confidence >= 0.8 else "yellow" if g.confidence >= 0.6 else "red"
-            table.add_row(escape(g.source), escape(g.target), str(g.count), g.op,
+            table.add_row(KeyText(g.source), KeyText(g.target), str(g.count), g.op,
                           Text(f"{g.confidence:.2f}", style=conf_style),
                           escape(g.method + (f": {g.note}" if g.note else "")))
         yield table
@@ -121,7 +124,8 @@ def render_diff(d: Diff, *, budget: int = DEFAULT_BUDGET, show_exact: bool = Fal
         yield Text(f"  {_plural(d.exact, 'key')} match by name; use --all to list them", style="dim")
     yield from _leftovers("Unresolved model keys", group_leftovers(d.mapping.missing), budget, "red")
     yield from _leftovers("Unused checkpoint tensors", group_leftovers(d.mapping.unused), budget, "yellow")
-    yield Text(next_step(d) if proof is None else proof_next_step(proof), style="bold")
+    yield Text(next_step(d, output=output, partial=partial) if proof is None else proof_next_step(proof),
+               style="bold")
 
 
 def _leftovers(title: str, groups: list, budget: int, style: str) -> Iterator[RenderableType]:
@@ -131,27 +135,55 @@ def _leftovers(title: str, groups: list, budget: int, style: str) -> Iterator[Re
     for col in ("keys", "n", "reason", "nearest"):
         table.add_column(col, overflow="fold")
     for g in groups[:budget]:
-        table.add_row(escape(g.label), str(g.count), escape(g.reason), escape(", ".join(g.candidates[:2])))
+        table.add_row(KeyText(g.label), str(g.count), escape(g.reason), KeyText(", ".join(g.candidates[:2])))
     yield table
     if len(groups) > budget:
         yield Text(f"  … {len(groups) - budget} more rows; use --all to list them", style="dim")
 
 
-def next_step(d: Diff) -> str:
-    """What to do now, in one line."""
+_CAUSE_STEPS = {
+    "coverage": "check that this is the checkpoint for this model (and these model arguments)",
+    "width": "build the model variant with the checkpoint's width",
+    "depth": "build the model with the checkpoint's depth as said above",
+    "pos_embed": "build the model with the checkpoint's image size and prefix tokens, or resample the position "
+                 "embedding",
+    "head": "the head is re-initialised by design: train it after loading",
+}
+"""What to do about each cause that leaves model keys unresolved, in the order the causes matter."""
+
+
+def next_step(d: Diff, *, output: str | None = None, partial: bool = False) -> str:
+    """What to do now, in one line, from what was found and what was asked (``-o``, ``--partial``).
+
+    Example:
+        >>> next_step(keydiff.diff(model, model.state_dict()))  # doctest: +SKIP
+        'Next: nothing to convert: the checkpoint loads into the model as it is (strict=True).'
+    """
+    m = d.mapping
     if d.ok:
-        return ("Next: add -o converted.safetensors to write a checkpoint that loads with strict=True (--json map.json "
-                "saves the mapping). Checked: names, shapes, structure; not checked: that the converted model computes "
+        converts = m.unwrap.container or m.unwrap.strip_prefix or m.unwrap.add_prefix or any(
+            e.evidence.method != "exact" for e in m.entries)
+        if not converts:
+            return "Next: nothing to convert: the checkpoint loads into the model as it is (strict=True)."
+        write = (f"{output} loads with strict=True" if output else
+                 "add -o converted.safetensors to write a checkpoint that loads with strict=True (--json map.json "
+                 "saves the mapping)")
+        return (f"Next: {write}. Checked: names, shapes, structure; not checked: that the converted model computes "
                 "the same function: `keydiff verify SOURCE_MODEL CKPT TARGET_MODEL` runs both (or add --source "
                 "SOURCE_MODEL to prove the mapping, repairing it where running shows it wrong).")
-    if not d.mapping.missing:
-        return ("Next: the unused checkpoint tensors above have no place in this model; follow the cause above "
-                "(another model argument), or --partial to convert what fits.")
-    weak = [m for m in d.mapping.missing if m.reason.startswith("proposed")]
+    kinds = {g.kind for g in d.diagnoses if g.kind in _CAUSE_STEPS}
+    steps = [_CAUSE_STEPS[k] for k in _CAUSE_STEPS if k in kinds]
+    weak = [x for x in m.missing if x.reason.startswith("proposed")]
     if weak:
-        return (f"Next: {len(weak)} unresolved keys have weaker proposals; check them and lower --min-confidence, "
-                "or convert the rest with --partial.")
-    return "Next: the unresolved keys need a source the checkpoint lacks; --partial converts the rest."
+        steps.append(f"{len(weak)} unresolved keys have weaker proposals: check them and lower --min-confidence")
+    if not steps:
+        steps.append("the unresolved keys need tensors the checkpoint lacks" if m.missing else
+                     "the unused checkpoint tensors above have no place in this model; follow the cause above")
+    if partial:
+        steps.append("--partial keeps the model's initialisation for the unresolved keys")
+    elif m.entries and "coverage" not in kinds:
+        steps.append("or --partial converts what fits")
+    return "Next: " + "; ".join(steps) + "."
 
 
 def proof_next_step(proof: Proof) -> str:

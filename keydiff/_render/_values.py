@@ -7,20 +7,20 @@ reports are made from the same renderables, so every format says the same.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from rich.console import RenderableType
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from keydiff._render._keytext import KeyText
 from keydiff._render._rich import DEFAULT_BUDGET, _plural
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from keydiff._values import ValueDiff
+    from keydiff._values import ClusterChange, ValueDiff
 
 __all__ = ["render_stats", "render_values"]
 
@@ -31,6 +31,16 @@ def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _change(g: ClusterChange, x: float, fmt: Callable[[float], str] | None = None) -> str:
+    """A cluster's relative change or cosine; tensors that were zero in A have neither, and say so."""
+    from keydiff._values import format_change
+
+    if g.was_zero == g.tensors:
+        return "was zero"
+    shown = (fmt or format_change)(x)
+    return f"{shown} ({g.was_zero} was zero)" if g.was_zero else shown
+
+
 def _some(keys: tuple[str, ...], n: int = 3) -> str:
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
@@ -38,22 +48,23 @@ def _some(keys: tuple[str, ...], n: int = 3) -> str:
 
 def render_values(vd: ValueDiff, *, budget: int = DEFAULT_BUDGET) -> Iterator[RenderableType]:
     """Yield the value report: verdict, one row per cluster (most changed first), what was not compared."""
-    from keydiff._values import format_change
 
     n = len(vd.changes)
     same = sum(c.identical for c in vd.changes)
-    broken = [c.key for c in vd.changes if not math.isfinite(c.rel_change)]
+    broken = [c.key for c in vd.changes if not math.isfinite(c.rel_change) and not c.was_zero]
+    zero = [c.key for c in vd.changes if c.was_zero]
     if n and same == n:
         what = "the compared tensor is" if n == 1 else f"all {n} compared tensors are"
         yield Text(f"✓ {what} bit-identical", style="bold green")
     elif broken:
         yield Text(f"✗ {n - same} of {_plural(n, 'compared tensor')} changed ({same} bit-identical); "
-                   f"{len(broken)} with no finite change (NaN or Inf values, or A all zero): {_some(tuple(broken))}",
+                   f"{len(broken)} with no finite change (NaN or Inf values): {_some(tuple(broken))}",
                    style="bold red")
     elif n:
         top = vd.clusters[0]
+        was = f"; {len(zero)} {'was' if len(zero) == 1 else 'were'} zero in A: {_some(tuple(zero))}" if zero else ""
         yield Text(f"≠ {n - same} of {_plural(n, 'compared tensor')} changed ({same} bit-identical); most changed: "
-                   f"{top}", style="bold yellow")
+                   f"{top}{was}", style="bold yellow")
     else:
         yield Text("✗ no tensor could be compared: the mapping matched nothing", style="bold red")
     yield Text(f"  A: {vd.a}   B: {vd.b} (converted into A's names and layout)", style="dim")
@@ -65,9 +76,9 @@ def render_values(vd: ValueDiff, *, budget: int = DEFAULT_BUDGET) -> Iterator[Re
             table.add_column(col, overflow="fold", justify="left" if col == "cluster" else "right")
         for g in clusters[:budget]:
             style = "green" if g.identical == g.tensors else "yellow" if g.median_rel_change < 0.1 else "red"
-            table.add_row(escape(g.cluster), str(g.tensors), str(g.identical),
-                          Text(format_change(g.median_rel_change), style=style), format_change(g.max_rel_change),
-                          _num(g.min_cosine), _num(g.max_abs_diff))
+            table.add_row(KeyText(g.cluster), str(g.tensors), str(g.identical),
+                          Text(_change(g, g.median_rel_change), style=style), _change(g, g.max_rel_change),
+                          _change(g, g.min_cosine, _num), _num(g.max_abs_diff))
         yield table
         if len(clusters) > budget:
             yield Text(f"  … {len(clusters) - budget} more clusters; use --all to list them", style="dim")
@@ -83,6 +94,9 @@ def render_stats(frame: pd.DataFrame, *, origin: str = "", budget: int = DEFAULT
                  show_all: bool = False) -> Iterator[RenderableType]:
     """Yield the statistics report: a summary line, flagged tensors first, then (``show_all``) every tensor."""
     flagged = frame[frame["flag"] != ""]
+    # NaN and Inf break a model, an all-zero tensor may be meant (a zero-initialised bias): the worst first
+    broken = (flagged["nan"] > 0) | (flagged["inf"] > 0)
+    flagged = flagged.iloc[sorted(range(len(flagged)), key=lambda i: not broken.iloc[i])]
     nan, inf = int((frame["nan"] > 0).sum()), int((frame["inf"] > 0).sum())
     zero = int(frame["flag"].str.contains("all zero").sum())
     params = int(frame["numel"].sum())
@@ -110,7 +124,7 @@ def _stats_table(title: str, frame: pd.DataFrame, budget: int, style: str = "") 
     for col in cols:
         table.add_column(col, overflow="fold", justify="right" if col in cols[4:] else "left")
     for r in frame.head(budget).itertuples(index=False):
-        table.add_row(escape(r.key), f"[{', '.join(map(str, r.shape))}]", r.dtype, Text(r.flag, style="red"),
+        table.add_row(KeyText(r.key), f"[{', '.join(map(str, r.shape))}]", r.dtype, Text(r.flag, style="red"),
                       str(r.nan), str(r.inf), _num(r.zero_frac), _num(r.mean), _num(r.std), _num(r.abs_max))
     yield table
     if len(frame) > budget:

@@ -1,0 +1,138 @@
+"""Hugging Face inputs, offline: repo ids and ``hf-hub:`` names from the local cache, cache folders, config folders.
+
+Nothing is downloaded. A repo id (``google/vit-base-patch16-224``) is looked up in the cache that
+``huggingface_hub`` fills (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``); a cache
+folder ``models--org--name`` stands for its newest snapshot (the one ``refs/main`` names, else the newest by time);
+a folder with a ``config.json`` is a model: a timm one when the config names an ``architecture`` (timm's
+``push_to_hf_hub`` layout), else transformers (the config's ``architectures[0]``, else ``AutoModel``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from keydiff._errors import CheckpointError, ModelError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["config_args", "folder_factory", "hub_cache", "local_path", "model_folder"]
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# config.json fields that describe the file, not the model: never passed to a config class
+_FILE_FIELDS = frozenset({"architectures", "model_type", "transformers_version", "_name_or_path", "dtype",
+                          "torch_dtype"})
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache directory, from the environment as ``huggingface_hub`` reads it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "huggingface" / "hub"
+
+
+def _snapshot(folder: Path) -> Path | None:
+    """A cache folder's newest snapshot: the one ``refs/main`` names, else the most recently modified."""
+    snapshots = folder / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = folder / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+        return snapshots / ref.read_text().strip()
+    found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def local_path(spec: str) -> str:
+    """The local path a checkpoint spec stands for: a cache folder's snapshot, a cached repo id's snapshot, or
+    ``spec`` itself.
+
+    Raises:
+        CheckpointError: ``spec`` is a repo id that is not in the cache (the message says how to fetch it).
+
+    Example:
+        >>> local_path("fixtures/vit_tiny_renamed.safetensors")
+        'fixtures/vit_tiny_renamed.safetensors'
+    """
+    spec = spec.removeprefix("hf-hub:")
+    if os.path.exists(spec):
+        return str(_snapshot(Path(spec)) or spec)
+    if not _REPO_ID.match(spec) or spec.lower().endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".json")):
+        return spec
+    cache = hub_cache()
+    snapshot = _snapshot(cache / f"models--{spec.replace('/', '--')}")
+    if snapshot is None:
+        raise CheckpointError(spec, f"is not a file, and the Hugging Face repo {spec} is not in the local cache "
+                                    f"({cache}; keydiff downloads nothing)",
+                              f"Fetch it with: hf download {spec} (or set HF_HUB_CACHE / HF_HOME to your cache).")
+    return str(snapshot)
+
+
+def model_folder(spec: str) -> Path | None:
+    """The folder holding ``config.json`` that a model spec names (a folder, a cache folder, a cached repo id,
+    ``hf-hub:org/name``), or None when the spec is not one."""
+    if ":" in spec and not spec.startswith("hf-hub:"):
+        return None
+    if not spec.startswith("hf-hub:") and not os.path.isdir(spec) and not _REPO_ID.match(spec):
+        return None
+    try:
+        folder = Path(local_path(spec))
+    except CheckpointError as exc:
+        if spec.startswith("hf-hub:"):
+            raise ModelError(str(exc)) from exc
+        return None  # a name like org/name that is not cached may still be something else
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder / 'config.json'}: cannot be read as JSON ({exc})") from exc
+
+
+def folder_factory(folder: Path) -> Callable[..., nn.Module]:
+    """What builds the model a config folder describes, with keyword arguments overriding the config."""
+    cfg = _read_config(folder)
+    if "architecture" in cfg:  # timm's layout: the model name, its arguments, its pretrained config
+        import timm
+
+        return lambda **kw: timm.create_model(f"local-dir:{folder}", pretrained=False, **kw)
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelError(f"{folder} holds a transformers config.json, and transformers is not installed") from exc
+    names = cfg.get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names else None
+
+    def build(**kw: Any) -> nn.Module:
+        config = transformers.AutoConfig.from_pretrained(str(folder), **kw)
+        if cls is not None:
+            return cls(config)
+        return transformers.AutoModel.from_config(config)
+
+    return build
+
+
+def config_args(model: str, checkpoint: str) -> dict[str, Any]:
+    """For ``transformers:ModelClass`` and a checkpoint in a folder with a ``config.json``: that config's fields,
+    as the model's keyword arguments (the user's ``-m`` arguments go on top). Otherwise nothing."""
+    if not model.startswith("transformers:"):
+        return {}
+    try:
+        path = Path(local_path(checkpoint))
+    except CheckpointError:
+        return {}
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "config.json").is_file():
+        return {}
+    cfg = _read_config(folder)
+    return {k: v for k, v in cfg.items() if k not in _FILE_FIELDS} if isinstance(cfg, Mapping) else {}
