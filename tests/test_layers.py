@@ -28,6 +28,7 @@ LAYERS = [
     "keydiff._keys",
     "keydiff._conventions",
     "keydiff._ops",
+    "keydiff._plain",
     # key structure and the mapping value
     "keydiff._patterns",
     "keydiff._mapping",
@@ -37,6 +38,7 @@ LAYERS = [
     "keydiff._match",
     "keydiff._fold",
     # reading inputs
+    "keydiff._hub",
     "keydiff._sources",
     "keydiff._background",
     "keydiff._cache",
@@ -54,6 +56,7 @@ LAYERS = [
     "keydiff._repair",
     # presenters: imported by the values above only inside their presenting methods
     "keydiff._render",
+    "keydiff._render._keytext",
     "keydiff._render._blocks",
     "keydiff._render._html",
     "keydiff._render._markdown",
