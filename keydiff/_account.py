@@ -9,6 +9,8 @@ block the model has (a deeper checkpoint), or a tensor nothing explains. Reasons
 
 from __future__ import annotations
 
+import bisect
+import re
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from keydiff._keys import KeySet, natural_key
 from keydiff._patterns import name_tokens, template_of
 
 __all__ = ["Depth", "Unused", "account_unused", "depth_differences"]
+
+_DIGITS = re.compile(r"\.\d+(?=\.|$)")
 
 HEAD_TOKENS = frozenset({
     "head", "heads", "classifier", "pooler", "pool", "pre_logits", "logits", "lm_head", "head_dist", "dist_head",
@@ -62,12 +66,38 @@ def _block_path(key: str, known: Collection[str]) -> str | None:
     return None
 
 
-def _prefixes(keys: Iterable[str]) -> set[str]:
-    out: set[str] = set()
+def _container(key: str) -> str | None:
+    """The path before a key's first index token (``blocks`` for ``blocks.3.attn.qkv.weight``), or None."""
+    tokens = key.split(".")
+    for n in range(1, len(tokens) - 1):
+        if tokens[n].isdigit():
+            return ".".join(tokens[:n])
+    return None
+
+
+def _indices(keys: Iterable[str]) -> dict[str, set[int]]:
+    """Index values under each container (the first index token of each key)."""
+    out: dict[str, set[int]] = defaultdict(set)
     for k in keys:
         tokens = k.split(".")
-        out.update(".".join(tokens[:n]) for n in range(1, len(tokens)))
+        for n in range(1, len(tokens) - 1):
+            if tokens[n].isdigit():
+                out[".".join(tokens[:n])].add(int(tokens[n]))
+                break
     return out
+
+
+class _Known:
+    """Whether some key lies under a path (``blocks.3`` for ``blocks.3.attn.qkv.weight``): a sorted list and a
+    binary search per question, not a set of every prefix of every key (100,000 keys, a few questions)."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.keys = sorted(keys)
+
+    def __contains__(self, path: object) -> bool:
+        head = f"{path}."
+        i = bisect.bisect_left(self.keys, head)
+        return i < len(self.keys) and self.keys[i].startswith(head)
 
 
 def depth_differences(model: Sequence[str], checkpoint: Sequence[str]) -> list[Depth]:
@@ -87,11 +117,18 @@ def depth_differences(model: Sequence[str], checkpoint: Sequence[str]) -> list[D
             tokens = k.split(".")
             for n in range(1, len(tokens) - 1):
                 if tokens[n].isdigit():
-                    out[".".join(tokens[:n])][int(tokens[n])].add(template_of(".".join(tokens[n + 1:]))[0])
+                    rest = _DIGITS.sub(".{}", "." + ".".join(tokens[n + 1:]))  # inner indices as slots
+                    out[".".join(tokens[:n])][int(tokens[n])].add(rest)
                     break
         return {c: {i: frozenset(s) for i, s in ix.items()} for c, ix in out.items()}
 
-    mb, cb = blocks(model), blocks(checkpoint)
+    # index sets first (one split per key); structures only under containers whose index sets differ
+    mi, ci = _indices(model), _indices(checkpoint)
+    differing = {c for c in mi.keys() & ci.keys() if mi[c] != ci[c]}
+    if not differing:
+        return []
+    mb = blocks([k for k in model if _container(k) in differing])
+    cb = blocks([k for k in checkpoint if _container(k) in differing])
     differ = set()
     for container in mb.keys() & cb.keys():
         m, c = mb[container], cb[container]
@@ -99,8 +136,8 @@ def depth_differences(model: Sequence[str], checkpoint: Sequence[str]) -> list[D
         if m.keys() != c.keys() and shared and all(m[i] == c[i] for i in shared):
             differ.add(template_of(container)[0])
     # every container of a differing family (``layer1``..``layer4``): a per-stage depth argument lists them all
-    return [Depth(c, tuple(sorted(cb[c])), tuple(sorted(mb[c])))
-            for c in sorted(mb.keys() & cb.keys(), key=natural_key) if template_of(c)[0] in differ]
+    family = [c for c in sorted(mi.keys() & ci.keys(), key=natural_key) if template_of(c)[0] in differ]
+    return [Depth(c, tuple(sorted(ci[c])), tuple(sorted(mi[c]))) for c in family]
 
 
 def account_unused(unused: Sequence[str], checkpoint: KeySet, used: Collection[str], *,
@@ -119,8 +156,10 @@ def account_unused(unused: Sequence[str], checkpoint: KeySet, used: Collection[s
         the caller words the rest.
     """
     out: dict[str, Unused] = {}
+    if not unused:
+        return out
     used_names = [rename(k) for k in used]
-    known = _prefixes(used_names) | _prefixes(model)
+    known = _Known([*used_names, *model])
     used_tops = {k.split(".", 1)[0] for k in used_names}
     unused_set = set(unused)
     whole_tops = _unused_subtrees(checkpoint, unused_set, rename)

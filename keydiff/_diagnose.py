@@ -125,11 +125,12 @@ def diagnose(model: KeySet, checkpoint: KeySet, mapping: KeyMap, prefix: Prefix,
     missing = {m.key: m.shape for m in mapping.missing}
     unused = {u.key: u.shape for u in mapping.unused}
     out.extend(_pos_embed(missing, unused))
-    names = [prefix.apply(k) for k in checkpoint]
-    depths = depth_differences(list(model), names)
+    # the depth comparison reads every key: only worth it when a block's worth (two tensors) is left over
+    names = [prefix.apply(k) for k in checkpoint] if len(missing) + len(mapping.unexplained) >= 2 else []
+    depths = depth_differences(list(model), names) if names else []
     if depths:
         out.append(_depth_diagnosis(depths, depth_hint))
-    elif missing or mapping.unexplained:
+    elif names:
         dm, dc = _depth(list(model)), _depth(names)
         if dm and dc and dm[1] != dc[1]:
             out.append(Diagnosis(kind="depth", level="warning", message=(

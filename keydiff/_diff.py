@@ -502,6 +502,10 @@ def _top(key: str) -> str:
     return head if dot else ""
 
 
+TOWER_MIN_SHARE = 0.1
+"""Another tower holds at least this share of the unmatched checkpoint tensors (a whole text tower, not a head)."""
+
+
 def _one_tower(found: tuple[list[Entry], list[str]], checkpoint: KeySet, model: KeySet, src_rest: list[str],
                dst_rest: list[str], to_model: Mapping[str, str], to_raw: Mapping[str, str],
                min_confidence: float) -> tuple[tuple[list[Entry], list[str]], str]:
@@ -518,6 +522,8 @@ def _one_tower(found: tuple[list[Entry], list[str]], checkpoint: KeySet, model: 
     Returns:
         The match to use, and the subtree (``""`` when there is none).
     """
+    if len({_top(k) for k in src_rest}) < 2:
+        return found, ""  # one subtree (or none): no tower to choose (and no pass over 100,000 entries)
     entries = found[0]
     sourced = [e for e in entries if e.source]  # a tensor made as zeros comes from no subtree
     tops: dict[str, list[Entry]] = defaultdict(list)
@@ -529,8 +535,8 @@ def _one_tower(found: tuple[list[Entry], list[str]], checkpoint: KeySet, model: 
     if 2 * len(inside) < len(sourced) or len({_top(e.target) or e.target for e in inside}) < 2:
         return found, ""
     within = [k for k in src_rest if _top(k) == tower]
-    if len(within) == len(src_rest):
-        return found, ""
+    if len(src_rest) - len(within) < TOWER_MIN_SHARE * len(src_rest):
+        return found, ""  # nothing outside but a few tensors (a head beside a backbone): no other tower to avoid
 
     def filled(es: list[Entry]) -> int:
         return sum(e.confidence >= min_confidence for e in es)

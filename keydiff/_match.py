@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -975,7 +975,13 @@ def _role_ambiguous(pairings: list[Pairing], followers: _Followers, file_order: 
     for n, p in enumerate(pairings):
         if not _named(p) and p.confidence >= 0.5:
             groups[_parent(p.target), p.source.signature].append(n)
-    structure = _Structure(pairings, [])
+    built: list[_Structure] = []
+
+    def structure() -> _Structure:  # counted over every pairing: built only when a pair gets that far
+        if not built:
+            built.append(_Structure(pairings, []))
+        return built[0]
+
     flagged: dict[int, int] = {}
     for members in groups.values():
         for x, a in enumerate(members):
@@ -998,7 +1004,8 @@ def _role_ambiguous(pairings: list[Pairing], followers: _Followers, file_order: 
     return out
 
 
-def _decided(pa: Pairing, pb: Pairing, structure: _Structure, followers: _Followers, file_order: bool) -> bool:
+def _decided(pa: Pairing, pb: Pairing, structure: Callable[[], _Structure], followers: _Followers,
+             file_order: bool) -> bool:
     """Whether any evidence prefers the two pairings as they are over the two swapped."""
     kept = _gain(pa.source, pa.target) + _gain(pb.source, pb.target)
     swapped = _gain(pa.source, pb.target) + _gain(pb.source, pa.target)
@@ -1010,7 +1017,7 @@ def _decided(pa: Pairing, pb: Pairing, structure: _Structure, followers: _Follow
     coherent = followers.coherent(pa.source, pa.target) + followers.coherent(pb.source, pb.target)
     if coherent > followers.coherent(pa.source, pb.target) + followers.coherent(pb.source, pa.target):
         return True
-    return structure.consistency(pa, pb, False) > structure.consistency(pa, pb, True)
+    return structure().consistency(pa, pb, False) > structure().consistency(pa, pb, True)
 
 
 def _named(p: Pairing) -> bool:
@@ -1094,11 +1101,13 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
                   f"(used as x @ {p.source.path.rpartition('.')[2]}, no bias)" for p in bare for lf in p.zeros]
         left_src = [u for u in left_src if all(u is not p.source for p in bare)]
         left_dst = [u for u in left_dst if all(u.path != p.target.path for p in bare)]
-    followers = _Followers(pairings, dst)
-    followers.repair()
-    followers.decide(0.5)
+    if any(not _named(p) for p in pairings):  # names carry every pairing (100,000 experts): nothing to weigh
+        followers = _Followers(pairings, dst)
+        followers.repair()
+        followers.decide(0.5)
+        pairings = _role_ambiguous(followers.pairings, followers, file_order)
     # a bare matrix's pairing carries the zeros beside it; dataflow and role checks are about other pairings
-    return _role_ambiguous(followers.pairings, followers, file_order) + bare, left_src, left_dst, notes
+    return pairings + bare, left_src, left_dst, notes
 
 
 def _linear(unit: Unit) -> tuple[Leaf, Leaf] | None:

@@ -6,8 +6,9 @@
     keydiff stats CHECKPOINT [--csv STATS.csv]                           per-tensor statistics, NaN/Inf flagged
     keydiff verify SOURCE CHECKPOINT TARGET                              run source and converted target
 
-Exit codes: 0 every model key is filled (with --source: and the outputs agree); 1 some stay unresolved (or the
-outputs differ); 2 bad input or usage (one line, no traceback).
+Exit codes: 0 every model key is filled and every unused checkpoint tensor is explained (with --source: and the
+outputs agree); 1 some stay unresolved, tensors are left over that should have gone somewhere (extra blocks), or the
+outputs differ; 2 bad input or usage (one line, no traceback).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ options.
   keydiff stats CHECKPOINT [--csv STATS.csv]
   keydiff verify SOURCE CHECKPOINT TARGET
 
-Exit codes: 0 every model key is filled (with --source: and the outputs agree); 1 some stay unresolved (or the
-outputs differ); 2 bad input or usage.
+Exit codes: 0 every model key is filled and every unused checkpoint tensor is explained (with --source: and the
+outputs agree); 1 some stay unresolved, tensors are left over that should have gone somewhere (extra blocks), or the
+outputs differ; 2 bad input or usage.
 """
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
