@@ -5,9 +5,13 @@
 2. Clusters. Every compatible pair of clusters (same number of members, same grouping, every member's tensors
    shape-compatible) gets a score from canonical names and shapes; one global assignment picks the pairs. A pair
    whose runner-up scores within ``AMBIGUITY_MARGIN`` is not trusted and is left to the next step.
-3. Order. What is left is aligned as two sequences (the checkpoint's structural order against the model's
-   registration order) by dynamic programming over shape-compatible units.
+3. Order. What is left is aligned as two sequences (the checkpoint's structural order against the model's run
+   order, or its registration order when its forward could not run) by dynamic programming over shape-compatible
+   units; never the same part of another block, never across the matched blocks' boundary into a head.
 4. Uniqueness. A leftover unit with exactly one compatible partner, which has no other, is paired.
+5. Dataflow and roles. A norm goes with the module it runs after, as its checkpoint siblings say (``_Followers``);
+   a weakly named pairing that could trade targets with a same-shaped sibling's, and that no evidence decides, is
+   unproven (``_role_ambiguous``): reported, not applied.
 
 Compatibility is a hard constraint: nothing is paired whose tensors cannot become each other.
 """
