@@ -22,6 +22,7 @@ registration order with ``ran=False`` and the reason in words.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import time
@@ -93,9 +94,34 @@ def trace_dataflow(model: nn.Module, example: Any = None, *, budget: float = TRA
                 return Dataflow.from_registration(keys, reason="not run: the model is not on the meta device and "
                                                                "cannot be copied there")
             model, state = twin, twin.state_dict(keep_vars=True)
-        return _trace(model, state, keys, example, budget)
+        with _no_meta_left_in_caches():
+            return _trace(model, state, keys, example, budget)
     except Exception as exc:  # the trace is evidence, never a failure of the diff
         return Dataflow.from_registration(keys, reason=f"not run: {_say(exc)}")
+
+
+@contextlib.contextmanager
+def _no_meta_left_in_caches() -> Iterator[None]:
+    """Clear every ``functools.lru_cache`` that the trace filled.
+
+    Model code caches tensors it builds from sizes (transformers' BEiT caches its relative position index per
+    window size): filled while running on the meta device, such a cache would hand meta or uninitialised tensors to
+    the next real forward of that model in this process (``--source``, a notebook), which then computes something
+    else. Caches are found by a scan of the collector's objects (about 0.1 s, on a first build only).
+    """
+    import functools
+    import gc
+
+    def caches() -> list[Any]:
+        return [o for o in gc.get_objects() if isinstance(o, functools._lru_cache_wrapper)]
+
+    before = {id(c): c.cache_info().misses for c in caches()}
+    try:
+        yield
+    finally:
+        for c in caches():
+            if c.cache_info().misses != before.get(id(c), 0):
+                c.cache_clear()
 
 
 def _trace(model: nn.Module, state: Mapping[str, Any], keys: list[str], example: Any, budget: float) -> Dataflow:

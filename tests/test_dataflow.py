@@ -3,6 +3,7 @@ real timm, torchvision and transformers models and on tiny modules whose registr
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -288,3 +289,35 @@ def test_two_traces_are_equal():
     a = trace_dataflow(_meta(lambda: timm.create_model("efficientnet_b0")))
     b = trace_dataflow(_meta(lambda: timm.create_model("efficientnet_b0")))
     assert a == b and a.feeds == b.feeds and a.ran
+
+
+_BUILT = []
+
+
+@functools.lru_cache(maxsize=4)
+def _index_table(n: int) -> torch.Tensor:
+    # model code that caches a tensor built from sizes (transformers' BEiT: its relative position index)
+    _BUILT.append(n)
+    return torch.arange(n)
+
+
+class _CachesATable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) + _index_table(4).to(x.dtype)
+
+
+def test_trace_leaves_no_meta_tensor_in_the_model_codes_caches():
+    # regression: a trace filled transformers' lru caches with meta tensors, and the next real forward of that model
+    # in the process (--source, a notebook) computed something else
+    _index_table.cache_clear()
+    model = _CachesATable()
+    flow = trace_dataflow(model)
+    assert flow.ran
+    x = torch.ones(2, 4)
+    out = model(x)
+    assert out.device.type == "cpu"
+    torch.testing.assert_close(out, model.proj(x) + torch.arange(4.0))

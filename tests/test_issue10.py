@@ -19,6 +19,25 @@ def _convert(args: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
+def _timm_into_transformers(src, model_cls, config_cls, config: dict, tmp_path, capsys) -> dict[str, dict]:
+    """Convert a timm model's checkpoint into ``transformers:model_cls`` through the CLI, check the pooled outputs
+    agree, and return the mapping's entries by target key."""
+    path = tmp_path / "timm.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    out, mapping = tmp_path / "hf.safetensors", tmp_path / "map.json"
+    args = [a for k, v in config.items() for a in ("-m", f"{k}={v!r}")]
+    code, report = _convert([f"transformers:{model_cls.__name__}", str(path), *args, "--json", str(mapping),
+                             "-o", str(out)], capsys)
+    assert code == 0, report
+    dst = model_cls(config_cls(**config)).eval()
+    dst.load_state_dict(load_file(str(out)), strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = src.eval().forward_head(src.forward_features(x), pre_logits=True), dst(pixel_values=x).pooler_output
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
+    return {e["target"]: e for e in json.loads(mapping.read_text())["entries"]}
+
+
 @pytest.mark.parametrize("pair", ISSUE10_PAIRS, ids=lambda p: p.name)
 def test_pair_converts_and_computes_the_same_function(pair: Pair, tmp_path, capsys):
     src_path, src_model = write_source(pair, tmp_path)
@@ -40,20 +59,7 @@ def test_beit_partial_biases_fuse_the_weights_and_rename_the_biases(tmp_path, ca
     from transformers import BeitConfig, BeitModel
 
     src = randomise(timm.create_model("beit_base_patch16_224", **VIT))
-    path = tmp_path / "timm_beit.safetensors"
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
-    out, mapping = tmp_path / "hf.safetensors", tmp_path / "map.json"
-    hf_args = [a for k, v in HF_BEIT.items() for a in ("-m", f"{k}={v!r}")]
-    code, report = _convert(["transformers:BeitModel", str(path), *hf_args, "--json", str(mapping), "-o", str(out)],
-                            capsys)
-    assert code == 0, report
-    dst = BeitModel(BeitConfig(**HF_BEIT)).eval()
-    dst.load_state_dict(load_file(str(out)), strict=True)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        a, b = src.eval().forward_head(src.forward_features(x), pre_logits=True), dst(pixel_values=x).pooler_output
-    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
-    entries = {e["target"]: e for e in json.loads(mapping.read_text())["entries"]}
+    entries = _timm_into_transformers(src, BeitModel, BeitConfig, HF_BEIT, tmp_path, capsys)
     assert entries["layers.0.attention.k_proj.weight"]["op"] == {"kind": "split", "dim": 0, "sizes": [32, 32, 32],
                                                                  "index": 1}
     assert entries["layers.0.attention.q_proj.bias"]["source"] == ["blocks.0.attn.q_bias"]
@@ -111,22 +117,9 @@ def test_siglip_both_ways_at_once_split_blocks_and_concat_the_head(tmp_path, cap
 
     kwargs = dict(VIT, global_pool="map", act_layer="gelu_tanh")
     src = randomise(timm.create_model("vit_base_patch16_siglip_224", **kwargs))
-    path = tmp_path / "timm_siglip.safetensors"
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
     config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
                   patch_size=8, layer_norm_eps=1e-6)
-    out, mapping = tmp_path / "hf.safetensors", tmp_path / "map.json"
-    args = [a for k, v in config.items() for a in ("-m", f"{k}={v!r}")]
-    code, report = _convert(["transformers:SiglipVisionModel", str(path), *args, "--json", str(mapping),
-                             "-o", str(out)], capsys)
-    assert code == 0, report
-    dst = SiglipVisionModel(SiglipVisionConfig(**config)).eval()
-    dst.load_state_dict(load_file(str(out)), strict=True)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        a, b = src.eval().forward_head(src.forward_features(x), pre_logits=True), dst(pixel_values=x).pooler_output
-    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
-    entries = {e["target"]: e for e in json.loads(mapping.read_text())["entries"]}
+    entries = _timm_into_transformers(src, SiglipVisionModel, SiglipVisionConfig, config, tmp_path, capsys)
     assert entries["head.attention.in_proj_weight"]["source"] == ["attn_pool.q.weight", "attn_pool.kv.weight"]
     assert entries["head.attention.in_proj_weight"]["op"] == {"kind": "concat", "dim": 0, "sizes": [32, 64]}
     assert entries["encoder.layers.0.self_attn.k_proj.weight"]["op"]["kind"] == "split"
