@@ -94,33 +94,33 @@ def trace_dataflow(model: nn.Module, example: Any = None, *, budget: float = TRA
                 return Dataflow.from_registration(keys, reason="not run: the model is not on the meta device and "
                                                                "cannot be copied there")
             model, state = twin, twin.state_dict(keep_vars=True)
-        with _no_meta_left_in_caches():
+        with _no_meta_left_in_caches(model):
             return _trace(model, state, keys, example, budget)
     except Exception as exc:  # the trace is evidence, never a failure of the diff
         return Dataflow.from_registration(keys, reason=f"not run: {_say(exc)}")
 
 
 @contextlib.contextmanager
-def _no_meta_left_in_caches() -> Iterator[None]:
-    """Clear every ``functools.lru_cache`` that the trace filled.
+def _no_meta_left_in_caches(model: nn.Module) -> Iterator[None]:
+    """Afterwards, clear the ``functools.lru_cache``s of the packages the model's modules come from (torch's aside).
 
     Model code caches tensors it builds from sizes (transformers' BEiT caches its relative position index per
     window size): filled while running on the meta device, such a cache would hand meta or uninitialised tensors to
     the next real forward of that model in this process (``--source``, a notebook), which then computes something
-    else. Caches are found by a scan of the collector's objects (about 0.1 s, on a first build only).
+    else. Clearing an lru cache only costs a recomputation. The caches are found by one scan of the collector's
+    objects (about 0.1 s, on a first build only).
     """
     import functools
     import gc
 
-    def caches() -> list[Any]:
-        return [o for o in gc.get_objects() if isinstance(o, functools._lru_cache_wrapper)]
-
-    before = {id(c): c.cache_info().misses for c in caches()}
+    # torch's own caches are keyed by device and dtype; the model code's are keyed by sizes
+    packages = {type(m).__module__.partition(".")[0] for m in model.modules()} - {"torch"}
     try:
         yield
     finally:
-        for c in caches():
-            if c.cache_info().misses != before.get(id(c), 0):
+        for c in gc.get_objects():
+            if isinstance(c, functools._lru_cache_wrapper) and c.cache_info().misses and \
+                    getattr(c, "__module__", "").partition(".")[0] in packages:
                 c.cache_clear()
 
 
