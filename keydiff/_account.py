@@ -66,24 +66,27 @@ def _block_path(key: str, known: Collection[str]) -> str | None:
     return None
 
 
-def _container(key: str) -> str | None:
-    """The path before a key's first index token (``blocks`` for ``blocks.3.attn.qkv.weight``), or None."""
+def _first_index(key: str) -> tuple[str, int, str] | None:
+    """A key split at its first index token: ``blocks.3.attn.qkv.weight`` -> ``("blocks", 3, "attn.qkv.weight")``;
+    None for a key without one (the first and last tokens are never indices)."""
     tokens = key.split(".")
     for n in range(1, len(tokens) - 1):
         if tokens[n].isdigit():
-            return ".".join(tokens[:n])
+            return ".".join(tokens[:n]), int(tokens[n]), ".".join(tokens[n + 1:])
     return None
+
+
+def _container(key: str) -> str | None:
+    """The path before a key's first index token (``blocks`` for ``blocks.3.attn.qkv.weight``), or None."""
+    split = _first_index(key)
+    return split[0] if split else None
 
 
 def _indices(keys: Iterable[str]) -> dict[str, set[int]]:
     """Index values under each container (the first index token of each key)."""
     out: dict[str, set[int]] = defaultdict(set)
-    for k in keys:
-        tokens = k.split(".")
-        for n in range(1, len(tokens) - 1):
-            if tokens[n].isdigit():
-                out[".".join(tokens[:n])].add(int(tokens[n]))
-                break
+    for container, index, _ in filter(None, map(_first_index, keys)):
+        out[container].add(index)
     return out
 
 
@@ -113,13 +116,8 @@ def depth_differences(model: Sequence[str], checkpoint: Sequence[str]) -> list[D
     """
     def blocks(keys: Sequence[str]) -> dict[str, dict[int, frozenset[str]]]:
         out: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
-        for k in keys:
-            tokens = k.split(".")
-            for n in range(1, len(tokens) - 1):
-                if tokens[n].isdigit():
-                    rest = _DIGITS.sub(".{}", "." + ".".join(tokens[n + 1:]))  # inner indices as slots
-                    out[".".join(tokens[:n])][int(tokens[n])].add(rest)
-                    break
+        for container, index, rest in filter(None, map(_first_index, keys)):
+            out[container][index].add(_DIGITS.sub(".{}", "." + rest))  # inner indices as slots
         return {c: {i: frozenset(s) for i, s in ix.items()} for c, ix in out.items()}
 
     # index sets first (one split per key); structures only under containers whose index sets differ
