@@ -30,6 +30,10 @@ class Pair:
     tags: tuple[str, ...] = field(default=())
     negative: bool = False
     """True when no complete correct mapping exists (a depth mismatch): the pair must end unresolved (exit 1)."""
+    save: Callable[[dict[str, torch.Tensor], Path], Path] | None = None
+    """``(state dict, directory) -> path to give keydiff``: how the source's library saves it, when that is neither
+    plain safetensors nor a plain ``torch.save`` (whisper's ``{dims, model_state_dict}``, Meta's consolidated shards
+    in a folder, ``pytorch_model.bin``). Overrides ``fmt`` and ``wrap``."""
     reference: Callable[[Pair, nn.Module, nn.Module], dict[str, torch.Tensor]] | None = None
     """``(pair, source model, target model) -> {target key: tensor}``, the correct converted tensors (for a negative
     pair, those of the part with a counterpart); None: the plain trace (``reference.trace_reference``)."""
@@ -39,6 +43,12 @@ class Pair:
         return [a for k, v in self.target_kwargs.items() for a in ("-m", f"{k}={v!r}")]
 
     def target_model(self) -> nn.Module:
+        """The target with its own initial weights: a timm name, or any spec the CLI takes (``module:callable``,
+        ``transformers:Class``, ``diffusers:Class``, a folder with a config.json), built on the CPU."""
+        if ":" in self.target or "/" in self.target:
+            from keydiff._model import model_factory
+
+            return model_factory(self.target)(**self.target_kwargs).eval()
         import timm
 
         return timm.create_model(self.target, pretrained=False, **self.target_kwargs).eval()
@@ -66,6 +76,8 @@ def write_source(pair: Pair, directory: Path, seed: int = 0) -> tuple[Path, nn.M
     """Build the source model with random weights and store its checkpoint as the pair says."""
     model = randomise(pair.source(), seed)
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if pair.save is not None:
+        return pair.save(sd, directory), model
     payload = pair.wrap(sd) if pair.wrap else sd
     if pair.fmt == "pth":
         path = directory / "source.pth"
