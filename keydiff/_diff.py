@@ -17,7 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from keydiff._account import account_unused
 from keydiff._diagnose import Diagnosis, diagnose
-from keydiff._fold import FOLD_MIN_KEYS, FOLD_MIN_SHARE, Folding, can_pair, expand_entries, fold_keys
+from keydiff._fold import (
+    FOLD_MIN_KEYS,
+    FOLD_MIN_SHARE,
+    Folding,
+    align_folds,
+    can_pair,
+    expand_entries,
+    fold_keys,
+    recount_labels,
+)
 from keydiff._keys import KeySet, natural_key
 from keydiff._mapping import Entry, Evidence, KeyMap, Leftover, Unwrap, compress_rules
 from keydiff._match import Pairing, match_units, name_similarity, shape_relation
@@ -472,27 +481,45 @@ def _match_folded(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_re
                   to_model: Mapping[str, str], to_raw: Mapping[str, str],
                   min_confidence: float, src: Folding | None = None) -> tuple[list[Entry], list[str]] | None:
     """The engine on both sides' folds (identical repeats kept once), its entries repeated over the folds; None
-    unless that answer is clean (see ``keydiff._fold``).
+    when folding cannot give the full engine's answer.
 
-    Only a clean answer is used: a fold pair that looks clean beside one that is not may owe its look to the
-    folding (the index sets that would tell a hole from a renumbering are folded away), so anything short of
-    clean goes to the full engine, which sees every key.
+    Folds of one kind that hold other index sets (a tensor missing from one expert) are first cut, on both sides,
+    to the indices all of them hold (``align_folds``): the odd children come back as plain keys with their true
+    indices, so a hole shows where it is. The folded answer is then used when every fold's representative is
+    filled or used by a confident entry between paired folds; only plain keys may be left over. Anything else (a
+    fold left unpaired or weakly paired, folds whose counts differ) goes to the full engine, which sees every key:
+    a fold pair that looks clean beside one that is not may owe its look to the folding.
     """
     src = src if src is not None else fold_keys(src_rest, checkpoint)  # given: folded ahead, of these keys
     dst = fold_keys(dst_rest, model)
-    if not src.folds or not dst.folds or src.dropped + dst.dropped < FOLD_MIN_SHARE * (len(src_rest) + len(dst_rest)):
+    if not src.folds or not dst.folds:
         return None
+    aligned = None
     if not can_pair(src, dst):
+        aligned = align_folds(src, dst, src_rest, dst_rest, checkpoint, model)
+        if aligned is None or not can_pair(*aligned):
+            return None
+        src, dst = aligned
+    if src.dropped + dst.dropped < FOLD_MIN_SHARE * (len(src_rest) + len(dst_rest)):
         return None
     entries, notes = _match(checkpoint, model, list(src.keys), list(dst.keys), to_raw)
-    if any(e.confidence < min_confidence for e in entries):
+    folded = [e for e in entries if e.target in dst.fold_of or any(to_model[s] in src.fold_of for s in e.source)]
+    if any(e.confidence < min_confidence for e in folded):
+        return None
+    if {e.target for e in folded} != dst.fold_of.keys():
+        return None
+    if {to_model[s] for e in folded for s in e.source} != src.fold_of.keys():
         return None
     expanded = expand_entries(entries, src, dst, to_model, to_raw)
-    if expanded is None or len(expanded) != len(dst_rest):
+    if expanded is None:
         return None
-    used = set(chain.from_iterable(e.source for e in expanded))
-    if len(used) != len(src_rest) or len({e.target for e in expanded}) != len(dst_rest):
+    if len({e.target for e in expanded}) != len(expanded):
         return None
+    if aligned is not None:
+        used = {to_model[k] for e in expanded for k in e.source}
+        filled = {e.target for e in expanded}
+        expanded = recount_labels(expanded, to_model, (k for k in src.keys if k not in used),
+                                  (k for k in dst.keys if k not in filled))
     return expanded, notes
 
 

@@ -22,9 +22,12 @@ from functools import lru_cache
 
 from keydiff._keys import KeySet, TensorInfo, format_indices
 from keydiff._mapping import Entry
-from keydiff._patterns import remember_templates, template_of
+from keydiff._patterns import fill_template, remember_templates, template_of
 
-__all__ = ["FOLD_MIN_KEYS", "FOLD_MIN_SHARE", "Fold", "Folding", "can_pair", "expand_entries", "fold_keys"]
+__all__ = [
+    "FOLD_MIN_KEYS", "FOLD_MIN_SHARE", "Fold", "Folding", "align_folds", "can_pair", "expand_entries", "fold_keys",
+    "recount_labels",
+]
 
 FOLD_MIN_KEYS = 10_000
 """Below this many unmatched keys (both sides together) the full engine runs on every key."""
@@ -178,6 +181,87 @@ def can_pair(source: Folding, target: Folding) -> bool:
     return Counter(f.values for f in source.folds) == Counter(f.values for f in target.folds)
 
 
+def align_folds(source: Folding, target: Folding, source_keys: Sequence[str], target_keys: Sequence[str],
+                source_info: Mapping[str, TensorInfo], target_info: Mapping[str, TensorInfo]
+                ) -> tuple[Folding, Folding] | None:
+    """Both sides' folds cut to the children that every fold of their kind holds, on both sides; None if nothing
+    changes.
+
+    A fold's kind is what one child holds, by shapes and dtypes (names differ across conventions). When folds of
+    one kind hold other index sets (an expert with a tensor missing stays out of its layer's fold), every fold of
+    that kind, on both sides, keeps only the indices common to all of them; the children it gives up come back as
+    plain keys, with their true indices. Both sides then hide the same children of the same kind and show the
+    odd ones in full, so the engine sees the hole where it is, as the full engine would (a fold hides only what
+    is the same everywhere, never the indices that tell a hole from a renumbering).
+
+    Example:
+        >>> from keydiff._keys import TensorInfo
+        >>> w = TensorInfo((4, 2), "float32")
+        >>> a = [f"a.{n}.experts.{e}.w.weight" for n in range(2) for e in range(4)]
+        >>> b = [k for k in a if k != "a.1.experts.2.w.weight"]
+        >>> fa, fb = fold_keys(a, dict.fromkeys(a, w)), fold_keys(b, dict.fromkeys(b, w))
+        >>> ca, cb = align_folds(fa, fb, a, b, dict.fromkeys(a, w), dict.fromkeys(b, w))
+        >>> [f.values for f in ca.folds], [f.values for f in cb.folds]
+        ([(0, 1, 3), (0, 1, 3)], [(0, 1, 3), (0, 1, 3)])
+        >>> [k for k in cb.keys if ".2." in k]
+        ['a.0.experts.2.w.weight']
+    """
+    sides = [(source, source_info), (target, target_info)]
+    reps = [_representatives(f) for f, _ in sides]
+    kinds: list[dict[int, tuple]] = [{fid: _kind(keys, info) for fid, keys in rep.items()}
+                                     for rep, (_, info) in zip(reps, sides, strict=True)]
+    common: dict[tuple, set[int]] = {}
+    for (folding, _), kind in zip(sides, kinds, strict=True):
+        for fold in folding.folds:
+            k = kind[id(fold)]
+            common[k] = common[k] & set(fold.values) if k in common else set(fold.values)
+    shared = set(kinds[0].values()) & set(kinds[1].values())
+    cut = {k: v for k, v in common.items() if k in shared}
+    if all(set(f.values) == cut.get(kind[id(f)], set(f.values))
+           for (folding, _), kind in zip(sides, kinds, strict=True) for f in folding.folds):
+        return None
+    out = []
+    for (folding, _), rep, kind, keys in zip(sides, reps, kinds, (source_keys, target_keys), strict=True):
+        out.append(_refold(folding, rep, {id(f): cut.get(kind[id(f)]) for f in folding.folds}, keys))
+    return out[0], out[1]
+
+
+def _representatives(folding: Folding) -> dict[int, list[str]]:
+    """Each fold (by id) -> the kept keys of its representative child, in order."""
+    out: dict[int, list[str]] = {}
+    for key, fold in folding.fold_of.items():
+        out.setdefault(id(fold), []).append(key)
+    return out
+
+
+def _kind(keys: list[str], info: Mapping[str, TensorInfo]) -> tuple:
+    """What one child of a fold holds, without its names: the sorted shapes and dtypes of its tensors."""
+    return tuple(sorted((info[k].shape, info[k].dtype) for k in keys))
+
+
+def _refold(folding: Folding, reps: dict[int, list[str]], keep: dict[int, set[int] | None],
+            keys: Sequence[str]) -> Folding:
+    """``folding`` with each fold cut to the index values ``keep`` gives it (None: as it is); a fold left with
+    fewer than two children is undone. ``keys`` are the keys the folding was made of, in their order."""
+    folds: list[Fold] = []
+    fold_of: dict[str, Fold] = {}
+    hidden: set[str] = set()
+    for old in folding.folds:
+        values = keep[id(old)]
+        tokens = old.tokens if values is None else tuple(t for t in old.tokens if int(t) in values)
+        if len(tokens) < 2:
+            continue
+        fold = old if tokens == old.tokens else replace(
+            old, tokens=tokens, heads=tuple(f"{old.container}.{t}" for t in tokens), values=tuple(map(int, tokens)),
+            complete=False)
+        tails = [k[old.cut:] for k in reps[id(old)]]  # the children are alike: every one holds these remainders
+        folds.append(fold)
+        fold_of.update((fold.heads[0] + tail, fold) for tail in tails)
+        hidden.update(head + tail for head in fold.heads[1:] for tail in tails)
+    kept = tuple(k for k in keys if k not in hidden)
+    return Folding(keys=kept, fold_of=fold_of, folds=tuple(folds), dropped=len(hidden))
+
+
 def expand_entries(entries: Sequence[Entry], source: Folding, target: Folding,
                    to_model: Mapping[str, str], to_raw: Mapping[str, str]) -> list[Entry] | None:
     """Repeat each entry of a representative child over its fold; None when the folds do not pair one to one.
@@ -208,6 +292,58 @@ def expand_entries(entries: Sequence[Entry], source: Folding, target: Folding,
                 return None
         out.extend(expand(e, s_folds, t_fold))
     return out
+
+
+def recount_labels(entries: list[Entry], to_model: Mapping[str, str], left: Iterable[str] = (),
+                   right: Iterable[str] = ()) -> list[Entry]:
+    """Cluster labels (and the note on differing index sets) written anew from the expanded entries: after
+    ``align_folds`` a cluster holds a fold's representative and children shown in full (``experts.{0,256}``), so
+    widening the representative's index (``_relabel``) would not give its true index sets and member counts.
+
+    ``left``/``right`` are the keys of each side that no entry takes (normalised checkpoint keys, model keys): a
+    cluster's members include them (the hole is part of the cluster's index set). A label whose sides do not each
+    come down to one template (a fused unit) keeps the widened form.
+    """
+    members: dict[str, tuple[set, set]] = {}
+    for e in entries:
+        if e.evidence.cluster:
+            src, dst = members.setdefault(e.evidence.cluster, (set(), set()))
+            src.add(_unit_of(to_model.get(e.source[0], e.source[0])) if e.source else None)
+            dst.add(_unit_of(e.target))
+    if not members:
+        return entries
+    by_template: tuple[dict[str, list], dict[str, list]] = ({}, {})
+    for side, keys in zip(by_template, (left, right), strict=True):
+        for key in keys:
+            template, indices = _unit_of(key)
+            side.setdefault(template, []).append((template, indices))
+    labels: dict[str, tuple[str, str]] = {}
+    for label, (src, dst) in members.items():
+        if None in src or len({t for t, _ in src}) != 1 or len({t for t, _ in dst}) != 1:
+            continue
+        src.update(by_template[0].get(next(iter(src))[0], ()))
+        dst.update(by_template[1].get(next(iter(dst))[0], ()))
+        note = f"index sets differ: {len(src)} in the checkpoint, {len(dst)} in the model"
+        labels[label] = f"{_fill(src)} -> {_fill(dst)}", note
+    out = []
+    for e in entries:
+        found = labels.get(e.evidence.cluster)
+        if found is not None:
+            note = found[1] if e.evidence.note.startswith("index sets differ:") else e.evidence.note
+            e = replace(e, evidence=replace(e.evidence, cluster=found[0], note=note))
+        out.append(e)
+    return out
+
+
+def _unit_of(key: str) -> tuple[str, tuple[int, ...]]:
+    """A key's unit (its module path) as template and indices, from the key's own memoised template."""
+    template, indices = template_of(key)
+    return template.rpartition(".")[0], indices
+
+
+def _fill(units: set[tuple[str, tuple[int, ...]]]) -> str:
+    template = next(iter(units))[0]
+    return fill_template(template, sorted(ix for _, ix in units))
 
 
 class _Expander:

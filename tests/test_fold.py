@@ -106,14 +106,35 @@ def test_folded_answer_is_the_full_engines_answer(layers, experts, prefix):
 
 
 @pytest.mark.parametrize(("model_experts", "ckpt_experts"), [(8, 6), (6, 8)])
-def test_repeats_that_do_not_pair_fall_back_to_the_full_engine(monkeypatch, model_experts, ckpt_experts):
+def test_repeats_over_other_index_sets_are_cut_to_the_common_ones_and_give_the_full_engines_answer(
+        monkeypatch, model_experts, ckpt_experts):
     model, ckpt = _moe(2, model_experts, hf=False), _moe(2, ckpt_experts, hf=True)
     calls = []
     monkeypatch.setattr(_diff, "can_pair", lambda *a: calls.append(_fold.can_pair(*a)) or calls[-1])
     folded = _answer(model, ckpt, True, monkeypatch)
     assert folded == _answer(model, ckpt, False, monkeypatch)
-    assert calls == [False]  # the folded route was tried and refused before the engine ran on the folds
+    assert calls == [False, True]  # refused as folded, paired once both sides fold experts 0-5 only
     assert folded[1] or folded[2]  # the counts differ: something is left over, and said so
+    extra = {k.split(".experts.")[1].split(".")[0] for k in folded[1] + folded[2] if ".experts." in k}
+    assert extra == {"6", "7"}  # the experts one side lacks, reported, with their own numbers (and the gates)
+
+
+def test_aligned_folds_leave_the_odd_children_as_plain_keys_with_their_indices():
+    model = _moe(3, 6, hf=False)
+    ckpt = _without(_moe(3, 6, hf=True), lambda k: k == "model.layers.1.block_sparse_moe.experts.4.w2.weight")
+    rest_m, rest_c = list(model), list(ckpt)
+    fm, fc = fold_keys(rest_m, model), fold_keys(rest_c, ckpt)
+    assert not _fold.can_pair(fc, fm)
+    am, ac = _fold.align_folds(fm, fc, rest_m, rest_c, model, ckpt)
+    assert _fold.can_pair(ac, am)
+    experts = [f for f in [*am.folds, *ac.folds] if f.container.endswith("experts")]
+    assert len(experts) == 6 and {f.values for f in experts} == {(0, 1, 2, 3, 5)}
+    # expert 4 in full on both sides, in every layer (the hole is one key of one of them), nothing else of it hidden
+    assert sum(".experts.4." in k for k in am.keys) == 9 and sum(".experts.4." in k for k in ac.keys) == 8
+    assert len(am.keys) + am.dropped == len(rest_m) and len(ac.keys) + ac.dropped == len(rest_c)
+    hidden_c = set(rest_c) - set(ac.keys)
+    assert all(ac.fold_of.get(k.replace(f".experts.{k.split('.experts.')[1].split('.')[0]}.", ".experts.0."))
+               for k in hidden_c if ".experts." in k)
 
 
 def test_per_expert_keys_against_packed_experts_are_not_folded_into_a_wrong_answer(monkeypatch):
@@ -169,9 +190,28 @@ def test_unclean_folds_give_the_full_engines_answer(defect, monkeypatch):
     drop_model, drop_ckpt = _DEFECTS[defect]
     model = _without(_moe(4, 8, hf=False), drop_model)
     ckpt = _without(_moe(4, 8, hf=True), drop_ckpt)
+    answered = []
+    real = _diff._match_folded
+    monkeypatch.setattr(_diff, "_match_folded", lambda *a: answered.append(real(*a)) or answered[-1])
     folded = _answer(model, ckpt, True, monkeypatch)
     assert folded == _answer(model, ckpt, False, monkeypatch)
     assert folded[1] or folded[2]
+    # a hole inside the experts is answered on aligned folds; a whole layer missing leaves folds that cannot pair
+    assert (answered[0] is not None) == (defect != "a layer missing in the checkpoint")
+
+
+def test_aligned_folds_label_clusters_with_their_true_index_sets(monkeypatch):
+    model = _moe(4, 8, hf=False)
+    ckpt = _without(_moe(4, 8, hf=True), lambda k: k == "model.layers.2.block_sparse_moe.experts.5.w1.weight")
+    monkeypatch.setattr(_diff, "FOLD_MIN_KEYS", 0)
+    monkeypatch.setattr(_diff, "FOLD_MIN_SHARE", 0.0)
+    folded = compare_keys(model, ckpt)
+    monkeypatch.setattr(_diff, "FOLD_MIN_KEYS", 10**12)
+    full = compare_keys(model, ckpt)
+    assert [(e.source, e.target, e.evidence.cluster, e.evidence.note) for e in folded.mapping.entries] == [
+        (e.source, e.target, e.evidence.cluster, e.evidence.note) for e in full.mapping.entries]
+    w1 = next(e for e in folded.mapping.entries if e.target == "layers.0.feed_forward.experts.0.w1.weight")
+    assert "experts.{0..7}.w1 (31 of 32)" in w1.evidence.cluster
 
 
 @pytest.mark.parametrize("defect", list(_DEFECTS))
