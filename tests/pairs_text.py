@@ -233,6 +233,12 @@ def whisper_model() -> nn.Module:
     return Whisper(ModelDimensions(**WHISPER_DIMS))
 
 
+def hf_whisper() -> nn.Module:
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    return WhisperForConditionalGeneration(WhisperConfig(**HF_WHISPER))
+
+
 def save_whisper(sd: dict[str, torch.Tensor], directory: Path) -> Path:
     """openai-whisper's own checkpoint: ``{"dims": asdict(dims), "model_state_dict": sd}``."""
     path = directory / "tiny.pt"
@@ -248,34 +254,50 @@ def hf_whisper_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(input_features=x, decoder_input_ids=ids(x)).logits
 
 
-def whisper_to_hf(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
-    """The renames of transformers' ``convert_openai_to_hf.py``; ``proj_out`` is tied to the token embedding."""
+_LAYER, _TO = r"^(encoder|decoder)\.blocks\.(\d+)\.", r"model.\1.layers.\2."
+WHISPER_TO_HF = [
+    (r"^encoder\.positional_embedding$", "model.encoder.embed_positions.weight"),
+    (r"^decoder\.positional_embedding$", "model.decoder.embed_positions.weight"),
+    (r"^encoder\.conv(\d)\.", r"model.encoder.conv\1."),
+    (r"^encoder\.ln_post\.", "model.encoder.layer_norm."),
+    (r"^decoder\.ln\.", "model.decoder.layer_norm."),
+    (r"^decoder\.token_embedding\.", "model.decoder.embed_tokens."),
+    (_LAYER + r"attn\.query\.", _TO + "self_attn.q_proj."),
+    (_LAYER + r"attn\.key\.", _TO + "self_attn.k_proj."),
+    (_LAYER + r"attn\.value\.", _TO + "self_attn.v_proj."),
+    (_LAYER + r"attn\.out\.", _TO + "self_attn.out_proj."),
+    (_LAYER + r"attn_ln\.", _TO + "self_attn_layer_norm."),
+    (_LAYER + r"cross_attn\.query\.", _TO + "encoder_attn.q_proj."),
+    (_LAYER + r"cross_attn\.key\.", _TO + "encoder_attn.k_proj."),
+    (_LAYER + r"cross_attn\.value\.", _TO + "encoder_attn.v_proj."),
+    (_LAYER + r"cross_attn\.out\.", _TO + "encoder_attn.out_proj."),
+    (_LAYER + r"cross_attn_ln\.", _TO + "encoder_attn_layer_norm."),
+    (_LAYER + r"mlp\.0\.", _TO + "fc1."),
+    (_LAYER + r"mlp\.2\.", _TO + "fc2."),
+    (_LAYER + r"mlp_ln\.", _TO + "final_layer_norm."),
+]
+"""openai-whisper -> transformers, the renames of transformers' ``convert_openai_to_hf.py``."""
+
+
+def backwards(src: nn.Module, dst: nn.Module, rules: list[tuple[str, str | None]]) -> Reference:
+    """The reverse of a forward rename table: each target key is renamed forwards, and takes the source tensor of
+    the name it becomes (target keys that no rule renames, or whose name the source lacks, are left out)."""
     sd = src.state_dict()
-    layer = r"^(encoder|decoder)\.blocks\.(\d+)\."
-    to = r"model.\1.layers.\2."
-    ref = renamed(sd, [
-        (r"^encoder\.positional_embedding$", "model.encoder.embed_positions.weight"),
-        (r"^decoder\.positional_embedding$", "model.decoder.embed_positions.weight"),
-        (r"^encoder\.conv(\d)\.", r"model.encoder.conv\1."),
-        (r"^encoder\.ln_post\.", "model.encoder.layer_norm."),
-        (r"^decoder\.ln\.", "model.decoder.layer_norm."),
-        (r"^decoder\.token_embedding\.", "model.decoder.embed_tokens."),
-        (layer + r"attn\.query\.", to + "self_attn.q_proj."),
-        (layer + r"attn\.key\.", to + "self_attn.k_proj."),
-        (layer + r"attn\.value\.", to + "self_attn.v_proj."),
-        (layer + r"attn\.out\.", to + "self_attn.out_proj."),
-        (layer + r"attn_ln\.", to + "self_attn_layer_norm."),
-        (layer + r"cross_attn\.query\.", to + "encoder_attn.q_proj."),
-        (layer + r"cross_attn\.key\.", to + "encoder_attn.k_proj."),
-        (layer + r"cross_attn\.value\.", to + "encoder_attn.v_proj."),
-        (layer + r"cross_attn\.out\.", to + "encoder_attn.out_proj."),
-        (layer + r"cross_attn_ln\.", to + "encoder_attn_layer_norm."),
-        (layer + r"mlp\.0\.", to + "fc1."),
-        (layer + r"mlp\.2\.", to + "fc2."),
-        (layer + r"mlp_ln\.", to + "final_layer_norm."),
-    ])
+    names = renamed({k: k for k in dst.state_dict()}, rules)
+    return {target: sd[name] for name, target in names.items() if name in sd}
+
+
+def whisper_to_hf(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """``WHISPER_TO_HF``; ``proj_out`` is tied to the token embedding."""
+    sd = src.state_dict()
+    ref = renamed(sd, WHISPER_TO_HF)
     ref["proj_out.weight"] = sd["decoder.token_embedding.weight"]
     return ref
+
+
+def hf_to_whisper(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """The inverse of ``WHISPER_TO_HF`` (the file lacks ``proj_out``, which whisper does not have either)."""
+    return backwards(src, dst, WHISPER_TO_HF)
 
 
 # --- fair-esm ESM-2 -> transformers ----------------------------------------------------------------------------------
@@ -296,6 +318,12 @@ def esm2() -> nn.Module:
     for layer in model.layers:
         layer.self_attn.rot_emb._non_persistent_buffers_set.add("inv_freq")
     return model
+
+
+def hf_esm() -> nn.Module:
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    return EsmForMaskedLM(EsmConfig(**HF_ESM))
 
 
 def save_esm(sd: dict[str, torch.Tensor], directory: Path) -> Path:
@@ -332,28 +360,44 @@ def hf_esm_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(input_ids=ids(x, 29, 4)).logits
 
 
+_ELAYER, _ETO = r"^layers\.(\d+)\.", r"esm.encoder.layer.\1."
+ESM_TO_HF = [
+    (r"^embed_tokens\.", "esm.embeddings.word_embeddings."),
+    (_ELAYER + r"self_attn\.q_proj\.", _ETO + "attention.self.query."),
+    (_ELAYER + r"self_attn\.k_proj\.", _ETO + "attention.self.key."),
+    (_ELAYER + r"self_attn\.v_proj\.", _ETO + "attention.self.value."),
+    (_ELAYER + r"self_attn\.out_proj\.", _ETO + "attention.output.dense."),
+    (_ELAYER + r"self_attn\.rot_emb\.inv_freq$", None),
+    (_ELAYER + r"self_attn_layer_norm\.", _ETO + "attention.LayerNorm."),
+    (_ELAYER + r"fc1\.", _ETO + "intermediate.dense."),
+    (_ELAYER + r"fc2\.", _ETO + "output.dense."),
+    (_ELAYER + r"final_layer_norm\.", _ETO + "LayerNorm."),
+    (r"^emb_layer_norm_after\.", "esm.encoder.emb_layer_norm_after."),
+    (r"^contact_head\.", "esm.contact_head."),
+    (r"^lm_head\.weight$", "lm_head.decoder.weight"),
+    (r"^lm_head\.", "lm_head."),
+]
+"""fair-esm ESM-2 -> transformers, the renames of transformers' ``convert_esm.py`` (the per-layer rotary
+frequencies apart: transformers keeps one copy for the model)."""
+
+
 def esm_to_hf(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
-    """The renames of transformers' ``convert_esm.py``; the tied ``lm_head.decoder.weight`` is the token embedding,
-    and the one model-level ``rotary_embeddings.inv_freq`` is every layer's (equal) ``rot_emb.inv_freq``."""
-    sd = src.state_dict()
-    layer = r"^layers\.(\d+)\."
-    to = r"esm.encoder.layer.\1."
-    ref = renamed(sd, [
-        (r"^embed_tokens\.", "esm.embeddings.word_embeddings."),
-        (layer + r"self_attn\.q_proj\.", to + "attention.self.query."),
-        (layer + r"self_attn\.k_proj\.", to + "attention.self.key."),
-        (layer + r"self_attn\.v_proj\.", to + "attention.self.value."),
-        (layer + r"self_attn\.out_proj\.", to + "attention.output.dense."),
-        (layer + r"self_attn_layer_norm\.", to + "attention.LayerNorm."),
-        (layer + r"fc1\.", to + "intermediate.dense."),
-        (layer + r"fc2\.", to + "output.dense."),
-        (layer + r"final_layer_norm\.", to + "LayerNorm."),
-        (r"^emb_layer_norm_after\.", "esm.encoder.emb_layer_norm_after."),
-        (r"^contact_head\.", "esm.contact_head."),
-        (r"^lm_head\.weight$", "lm_head.decoder.weight"),
-        (r"^lm_head\.", "lm_head."),
-    ])
+    """``ESM_TO_HF``; the tied ``lm_head.decoder.weight`` is the token embedding, and the one model-level
+    ``rotary_embeddings.inv_freq`` is every layer's (equal) ``rot_emb.inv_freq``."""
+    ref = renamed(src.state_dict(), ESM_TO_HF)
     ref["esm.rotary_embeddings.inv_freq"] = src.layers[0].self_attn.rot_emb.inv_freq.clone()
+    return ref
+
+
+def hf_to_esm(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """The inverse of ``ESM_TO_HF``: fair-esm's tied ``lm_head.weight`` is the word embedding (the file lacks the
+    tied ``lm_head.decoder.weight``), and every layer's ``rot_emb.inv_freq`` is the model's one copy."""
+    sd = src.state_dict()
+    ref = backwards(src, dst, ESM_TO_HF)
+    ref["lm_head.weight"] = ref["embed_tokens.weight"]
+    for k in dst.state_dict():
+        if k.endswith("rot_emb.inv_freq"):
+            ref[k] = sd["esm.rotary_embeddings.inv_freq"]
     return ref
 
 
@@ -393,6 +437,29 @@ def same_names(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
     return dict(src.state_dict())
 
 
+# --- T5: one shared embedding, three tied keys ----------------------------------------------------------------------
+
+HF_T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+             relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def hf_t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(**HF_T5))
+
+
+def t5_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    tokens = ids(x)
+    return m(input_ids=tokens, decoder_input_ids=tokens.flip(1)).logits
+
+
+def t5_tied(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """The model's own tensors: ``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head`` are
+    ``shared.weight`` (``save_pretrained`` keeps only ``shared.weight``)."""
+    return dict(src.state_dict())
+
+
 # --- the pairs -------------------------------------------------------------------------------------------------------
 
 PAIRS = [
@@ -408,8 +475,15 @@ PAIRS = [
          input_shape=(2, 8), save=save_nanogpt, reference=gpt2_layout, tags=("llm",)),
     Pair("whisper_to_hf", whisper_model, "transformers:WhisperForConditionalGeneration", HF_WHISPER, whisper_logits,
          hf_whisper_logits, input_shape=(2, 16, 16), save=save_whisper, reference=whisper_to_hf, tags=("speech",)),
+    Pair("hf_whisper_to_openai", hf_whisper, "text_models:openai_whisper", WHISPER_DIMS, hf_whisper_logits,
+         whisper_logits, input_shape=(2, 16, 16), save=save_pretrained(hf_whisper), reference=hf_to_whisper,
+         tags=("speech",)),
     Pair("esm2_to_hf", esm2, "transformers:EsmForMaskedLM", HF_ESM, esm_logits, hf_esm_logits, input_shape=(2, 8),
          save=save_esm, reference=esm_to_hf, tags=("protein",)),
+    Pair("hf_esm_to_fair_esm", hf_esm, "esm.model.esm2:ESM2", ESM_ARGS, hf_esm_logits, esm_logits,
+         input_shape=(2, 8), save=save_pretrained(hf_esm), reference=hf_to_esm, tags=("protein",)),
+    Pair("hf_t5_save_pretrained", hf_t5, "transformers:T5ForConditionalGeneration", HF_T5, t5_logits, t5_logits,
+         input_shape=(2, 8), save=save_pretrained(hf_t5), reference=t5_tied, tags=("llm",)),
     Pair("wav2vec2_legacy_weight_norm", hf_wav2vec2, "transformers:Wav2Vec2Model", HF_WAV2VEC2, hidden_states,
          hidden_states, input_shape=(2, 400), save=save_legacy_bin, reference=same_names, tags=("speech",)),
 ]
@@ -421,7 +495,10 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "hf_gpt2_to_nanogpt": ("1 tied weights", "4 same name, other layout"),
     "nanogpt_to_hf_gpt2": ("4 same name, other layout",),
     "whisper_to_hf": ("1 tied weights",),
+    "hf_whisper_to_openai": ("renames only (the tied proj_out has no counterpart)",),
     "esm2_to_hf": ("1 tied weights (per-layer inv_freq, lm head)",),
+    "hf_esm_to_fair_esm": ("1 tied weights (one inv_freq for every layer, lm head)",),
+    "hf_t5_save_pretrained": ("1 tied weights (three keys share one tensor)",),
     "wav2vec2_legacy_weight_norm": ("2 weight normalisation",),
 }
 """Issue 11's classes each pair exercises."""

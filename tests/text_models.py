@@ -284,3 +284,14 @@ class NanoGPT(nn.Module):
 def nanogpt(**config: object) -> nn.Module:
     """``text_models:nanogpt`` for the CLI: ``-m`` arguments are ``GPTConfig``'s fields (nanoGPT's model_args)."""
     return NanoGPT(GPTConfig(**config))  # type: ignore[arg-type]
+
+
+# --- openai-whisper as a CLI target --------------------------------------------------------------------------------
+
+
+def openai_whisper(**dims: int) -> nn.Module:
+    """``text_models:openai_whisper`` for the CLI: openai-whisper's ``Whisper`` from ``ModelDimensions``' fields (the
+    ``dims`` a whisper checkpoint stores)."""
+    from whisper.model import ModelDimensions, Whisper
+
+    return Whisper(ModelDimensions(**dims))
