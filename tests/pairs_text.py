@@ -217,6 +217,27 @@ def gpt2_layout(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
     return ref
 
 
+def nanogpt_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """nanoGPT's last hidden states (the input of its lm_head)."""
+    hook = m.transformer.ln_f.register_forward_hook(lambda mod, args, out: setattr(mod, "_out", out))
+    try:
+        nanogpt_logits(m, x)
+    finally:
+        hook.remove()
+    return m.transformer.ln_f.__dict__.pop("_out")
+
+
+def hf_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(input_ids=ids(x)).last_hidden_state
+
+
+def gpt2_body(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """``gpt2_layout`` without the head: GPT2Model has no ``lm_head`` (its tensor is also ``transformer.wte``), and
+    its keys have no ``transformer.`` prefix."""
+    ref = gpt2_layout(pair, src, dst)
+    return {k.removeprefix("transformer."): v for k, v in ref.items() if k != "lm_head.weight"}
+
+
 # --- openai-whisper -> transformers ----------------------------------------------------------------------------------
 
 WHISPER_DIMS = dict(n_mels=16, n_audio_ctx=8, n_audio_state=32, n_audio_head=4, n_audio_layer=2, n_vocab=VOCAB,
@@ -437,6 +458,17 @@ def same_names(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
     return dict(src.state_dict())
 
 
+def folded_weight_norm(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """The source's tensors; the positional convolution's ``weight = g * v / ||v||``, the norm over every dim but
+    the one weight norm keeps (``dim=2`` in wav2vec2: g has shape [1, 1, K])."""
+    ref = dict(src.state_dict())
+    conv = "encoder.pos_conv_embed.conv."
+    g = ref.pop(conv + "parametrizations.weight.original0")
+    v = ref.pop(conv + "parametrizations.weight.original1")
+    ref[conv + "weight"] = v * (g / v.norm(dim=(0, 1), keepdim=True))
+    return ref
+
+
 # --- T5: one shared embedding, three tied keys ----------------------------------------------------------------------
 
 HF_T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
@@ -482,6 +514,10 @@ PAIRS = [
          save=save_esm, reference=esm_to_hf, tags=("protein",)),
     Pair("hf_esm_to_fair_esm", hf_esm, "esm.model.esm2:ESM2", ESM_ARGS, hf_esm_logits, esm_logits,
          input_shape=(2, 8), save=save_pretrained(hf_esm), reference=hf_to_esm, tags=("protein",)),
+    Pair("wav2vec2_weight_norm_folded", hf_wav2vec2, "text_models:wav2vec2_folded", HF_WAV2VEC2, hidden_states,
+         hidden_states, input_shape=(2, 400), save=save_legacy_bin, reference=folded_weight_norm, tags=("speech",)),
+    Pair("nanogpt_to_hf_gpt2_body", nanogpt, "transformers:GPT2Model", HF_GPT2, nanogpt_hidden, hf_hidden,
+         input_shape=(2, 8), save=save_nanogpt, reference=gpt2_body, tags=("llm",)),
     Pair("hf_t5_save_pretrained", hf_t5, "transformers:T5ForConditionalGeneration", HF_T5, t5_logits, t5_logits,
          input_shape=(2, 8), save=save_pretrained(hf_t5), reference=t5_tied, tags=("llm",)),
     Pair("wav2vec2_legacy_weight_norm", hf_wav2vec2, "transformers:Wav2Vec2Model", HF_WAV2VEC2, hidden_states,
@@ -498,6 +534,8 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "hf_whisper_to_openai": ("renames only (the tied proj_out has no counterpart)",),
     "esm2_to_hf": ("1 tied weights (per-layer inv_freq, lm head)",),
     "hf_esm_to_fair_esm": ("1 tied weights (one inv_freq for every layer, lm head)",),
+    "wav2vec2_weight_norm_folded": ("2 weight normalisation (value op g * v / ||v||)",),
+    "nanogpt_to_hf_gpt2_body": ("4 same name, other layout", "8 a subtree with no counterpart (lm_head)"),
     "hf_t5_save_pretrained": ("1 tied weights (three keys share one tensor)",),
     "wav2vec2_legacy_weight_norm": ("2 weight normalisation",),
 }

@@ -35,6 +35,8 @@ FAILS_E2E = {
     "hf_whisper_to_openai": "class 5: order pairing fills whisper's encoder blocks from transformers' decoder layers",
     "hf_esm_to_fair_esm": TIED.format("each layer's rot_emb.inv_freq, from one model-level copy") + "; the blocks' "
                           "LayerNorm.gamma/beta (transformers 5 saves the legacy names) left ambiguous",
+    "wav2vec2_weight_norm_folded": "class 2: weight_g/weight_v into one plain weight needs the value op g * v / ||v||",
+    "nanogpt_to_hf_gpt2_body": CONV1D_LAYOUT + " (exits 0, computes something else)",
     "hf_t5_save_pretrained": TIED.format("encoder/decoder.embed_tokens.weight, lm_head.weight: shared.weight"),
     "wav2vec2_legacy_weight_norm": "class 2: weight_g/weight_v vs parametrizations.weight.original0/original1",
 }
@@ -48,6 +50,7 @@ FAILS_ENTRIES = {
     "nanogpt_to_hf_gpt2": CONV1D_LAYOUT,
     "whisper_to_hf": "class 1 and norms: with proj_out.weight unfilled, order pairing swaps attn_ln and mlp_ln",
     "esm2_to_hf": "class 1 and norms: emb_layer_norm_after and the blocks' attention LayerNorms shift by one",
+    "nanogpt_to_hf_gpt2_body": CONV1D_LAYOUT,
     "hf_whisper_to_openai": "class 5: decoder layers fill the encoder's blocks (cross-attention into self-attention)",
 }
 

@@ -295,3 +295,18 @@ def openai_whisper(**dims: int) -> nn.Module:
     from whisper.model import ModelDimensions, Whisper
 
     return Whisper(ModelDimensions(**dims))
+
+
+# --- transformers' wav2vec2 with its weight norm folded (as exported for inference) ---------------------------------
+
+
+def wav2vec2_folded(**config: object) -> nn.Module:
+    """``text_models:wav2vec2_folded``: transformers' ``Wav2Vec2Model`` (``-m`` arguments go to its config) with the
+    positional convolution's weight norm removed, the way a model is prepared for export: one plain ``weight``
+    (``g * v / ||v||``) instead of ``parametrizations.weight.original0/original1``."""
+    from torch.nn.utils import parametrize
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    model = Wav2Vec2Model(Wav2Vec2Config(**config))
+    parametrize.remove_parametrizations(model.encoder.pos_conv_embed.conv, "weight", leave_parametrized=True)
+    return model
