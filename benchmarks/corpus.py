@@ -1,6 +1,7 @@
 """Solve rate and precision of keydiff over the test corpus of real pairs (tests/pairs.py).
 
     python benchmarks/corpus.py [NAME ...]
+    python benchmarks/corpus.py --text [NAME ...]    (issue 11: language, speech and protein pairs only)
 
 For each pair: the source model gets random weights in every tensor and is saved the way the pair says (safetensors,
 whose keys are sorted, or a torch file in registration order); keydiff proposes a mapping from the file; the
@@ -124,6 +125,12 @@ def main(argv: list[str]) -> int:
     from test_corpus import NEGATIVE
 
     pairs = [*CORPUS_PAIRS, *UNSEEN_PAIRS, *(as_negative(p) for _, p in NEGATIVE)]
+    if "--text" in argv:  # issue 11's pairs beyond vision classifiers (tests/pairs_text.py), judged the same way
+        from pairs_text import PAIRS
+
+        argv = [a for a in argv if a != "--text"]
+        pairs = [p for p in PAIRS if not argv or p.name in argv]
+        argv = argv or [p.name for p in pairs]
     if argv:
         pairs = [p for p in pairs if p.name in argv]
     outcomes = {}
