@@ -1,0 +1,196 @@
+"""Real pairs beyond vision classifiers (issue 11): segmentation, diffusion and audio codecs.
+
+Each source is built from its library's own code (or, for research code no package ships, a faithful test module:
+``ldm_vae.py``, ``hifigan.py``, ``segformer_mit.py``), with every tensor random, and saved the way that library saves
+it. Each reference (the correct converted tensors) is written from the known conversion, without keydiff, and proven
+by outputs in tests/test_pairs_media.py. Issue 11's classes each pair exercises are in its comment.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pairs import Pair
+from reference import Reference, renamed
+
+# --- diffusion: the original LDM / Stable Diffusion autoencoder -> diffusers AutoencoderKL ----------------------
+
+DIFFUSERS_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                     up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+                     latent_channels=4, norm_num_groups=32, sample_size=16)
+
+
+def ldm_vae() -> nn.Module:
+    from ldm_vae import tiny_vae
+
+    return tiny_vae()
+
+
+def save_ldm_ckpt(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """As a CompVis training run saves it: Lightning's ``.ckpt`` with the weights under ``state_dict``."""
+    path = directory / "vae.ckpt"
+    torch.save({"state_dict": sd, "epoch": 3, "global_step": 840000}, path)
+    return path
+
+
+def ldm_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(x)
+
+
+def diffusers_vae_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(x, sample_posterior=False).sample
+
+
+def ldm_vae_reference(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """diffusers' single-file conversion facts: ``down.{i}.block.{j}`` -> ``down_blocks.{i}.resnets.{j}``; the
+    decoder's ``up.{i}`` is ``up_blocks.{n-1-i}`` (built in reverse, then prepended); ``mid.block_{1,2}`` ->
+    ``mid_block.resnets.{0,1}``; ``nin_shortcut`` -> ``conv_shortcut``; the mid attention's 1x1 convolutions
+    ``q/k/v/proj_out`` [C, C, 1, 1] are the Linear ``to_q/to_k/to_v/to_out.0`` [C, C]."""
+    sd = src.state_dict()
+    n = len(src.decoder.up)
+    ref = {}
+    for key, value in sd.items():
+        k = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
+        k = re.sub(r"\.down\.(\d+)\.block\.(\d+)\.", r".down_blocks.\1.resnets.\2.", k)
+        k = re.sub(r"\.down\.(\d+)\.downsample\.", r".down_blocks.\1.downsamplers.0.", k)
+        k = re.sub(r"\.up\.(\d+)\.block\.", lambda m: f".up_blocks.{n - 1 - int(m.group(1))}.resnets.", k)
+        k = re.sub(r"\.up\.(\d+)\.upsample\.", lambda m: f".up_blocks.{n - 1 - int(m.group(1))}.upsamplers.0.", k)
+        k = re.sub(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m.group(1)) - 1}.", k)
+        k = k.replace(".nin_shortcut.", ".conv_shortcut.").replace(".mid.attn_1.norm.", ".mid_block.attentions.0.group_norm.")
+        m = re.fullmatch(r"(.+)\.mid\.attn_1\.(q|k|v|proj_out)\.(weight|bias)", k)
+        if m:
+            name = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}[m.group(2)]
+            k = f"{m.group(1)}.mid_block.attentions.0.{name}.{m.group(3)}"
+            value = value.flatten(1) if m.group(3) == "weight" else value  # 1x1 conv -> Linear
+        ref[k] = value
+    return ref
+
+
+LDM_VAE = Pair("ldm_vae_to_diffusers", ldm_vae, "diffusers:AutoencoderKL", DIFFUSERS_VAE, ldm_out, diffusers_vae_out,
+               input_shape=(1, 3, 16, 16), save=save_ldm_ckpt, reference=ldm_vae_reference,
+               tags=("diffusion", "class5", "class6"))
+
+PAIRS: list[Pair] = [LDM_VAE]
+
+
+# --- segmentation: segment-anything SAM -> transformers SamModel ---------------------------------------------------
+
+SAM_D, SAM_PATCH, SAM_IMG = 32, 8, 64
+HF_SAM = dict(vision_config=dict(hidden_size=SAM_D, output_channels=SAM_D, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=SAM_IMG, patch_size=SAM_PATCH, window_size=4, global_attn_indexes=[1],
+                                 mlp_dim=2 * SAM_D, num_pos_feats=SAM_D // 2),
+              prompt_encoder_config=dict(hidden_size=SAM_D, image_size=SAM_IMG, patch_size=SAM_PATCH,
+                                         mask_input_channels=4),
+              mask_decoder_config=dict(hidden_size=SAM_D, mlp_dim=2 * SAM_D, num_attention_heads=2,
+                                       iou_head_hidden_dim=SAM_D))
+
+
+def sam() -> nn.Module:
+    """``segment_anything.build_sam._build_sam`` at test size (image 64, patch 8, width 32, a windowed block and a
+    global one, two-way transformer of depth 2)."""
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    grid = SAM_IMG // SAM_PATCH
+    return Sam(
+        image_encoder=ImageEncoderViT(depth=2, embed_dim=SAM_D, img_size=SAM_IMG, mlp_ratio=2,
+                                      norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=SAM_PATCH,
+                                      qkv_bias=True, use_rel_pos=True, global_attn_indexes=(1,), window_size=4,
+                                      out_chans=SAM_D),
+        prompt_encoder=PromptEncoder(embed_dim=SAM_D, image_embedding_size=(grid, grid),
+                                     input_image_size=(SAM_IMG, SAM_IMG), mask_in_chans=4),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(
+            depth=2, embedding_dim=SAM_D, mlp_dim=2 * SAM_D, num_heads=2), transformer_dim=SAM_D, iou_head_depth=3,
+            iou_head_hidden_dim=SAM_D),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+
+
+def save_sam_pth(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """As Meta released ``sam_vit_b_01ec64.pth``: a plain state dict, ``torch.save``."""
+    path = directory / "sam_vit_t.pth"
+    torch.save(sd, path)
+    return path
+
+
+def _prompts(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Two points (foreground, background), one box and a low-resolution mask, fixed for every run."""
+    g = torch.Generator().manual_seed(3)
+    points = torch.rand(1, 2, 2, generator=g) * SAM_IMG
+    labels = torch.tensor([[1, 0]])
+    box = torch.tensor([[8.0, 12.0, 40.0, 52.0]])
+    mask = torch.randn(1, 1, 4 * SAM_IMG // SAM_PATCH, 4 * SAM_IMG // SAM_PATCH, generator=g)
+    return points, labels, box, mask
+
+
+def sam_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Low-resolution mask logits and IoU scores of the three masks (the image as given: no resizing)."""
+    points, labels, box, mask = _prompts(x)
+    emb = m.image_encoder(x)
+    sparse, dense = m.prompt_encoder(points=(points, labels), boxes=box, masks=mask)
+    masks, iou = m.mask_decoder(image_embeddings=emb, image_pe=m.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                multimask_output=True)
+    return torch.cat([masks.flatten(), iou.flatten()])
+
+
+def hf_sam_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    points, labels, box, mask = _prompts(x)
+    out = m(pixel_values=x, input_points=points[:, None], input_labels=labels[:, None], input_boxes=box[:, None],
+            input_masks=mask, multimask_output=True)
+    return torch.cat([out.pred_masks.flatten(), out.iou_scores.flatten()])
+
+
+_SAM_RULES = [
+    (r"^image_encoder\.patch_embed\.proj\.", "vision_encoder.patch_embed.projection."),
+    (r"^image_encoder\.blocks\.(\d+)\.norm(\d)\.", r"vision_encoder.layers.\1.layer_norm\2."),
+    (r"^image_encoder\.blocks\.", "vision_encoder.layers."),
+    (r"^image_encoder\.neck\.0\.", "vision_encoder.neck.conv1."),
+    (r"^image_encoder\.neck\.1\.", "vision_encoder.neck.layer_norm1."),
+    (r"^image_encoder\.neck\.2\.", "vision_encoder.neck.conv2."),
+    (r"^image_encoder\.neck\.3\.", "vision_encoder.neck.layer_norm2."),
+    (r"^image_encoder\.", "vision_encoder."),
+    (r"^prompt_encoder\.point_embeddings\.", "prompt_encoder.point_embed."),
+    (r"^prompt_encoder\.mask_downscaling\.0\.", "prompt_encoder.mask_embed.conv1."),
+    (r"^prompt_encoder\.mask_downscaling\.1\.", "prompt_encoder.mask_embed.layer_norm1."),
+    (r"^prompt_encoder\.mask_downscaling\.3\.", "prompt_encoder.mask_embed.conv2."),
+    (r"^prompt_encoder\.mask_downscaling\.4\.", "prompt_encoder.mask_embed.layer_norm2."),
+    (r"^prompt_encoder\.mask_downscaling\.6\.", "prompt_encoder.mask_embed.conv3."),
+    (r"^prompt_encoder\.pe_layer\.", None),  # two targets: below
+    (r"^(mask_decoder\.transformer\.layers\.\d+)\.norm(\d)\.", r"\1.layer_norm\2."),
+    (r"^mask_decoder\.transformer\.norm_final_attn\.", "mask_decoder.transformer.layer_norm_final_attn."),
+    (r"^mask_decoder\.output_upscaling\.0\.", "mask_decoder.upscale_conv1."),
+    (r"^mask_decoder\.output_upscaling\.1\.", "mask_decoder.upscale_layer_norm."),
+    (r"^mask_decoder\.output_upscaling\.3\.", "mask_decoder.upscale_conv2."),
+    # the three-layer MLPs: layers.{0,1,2} are proj_in, layers.0, proj_out (layers.0 on both sides, other meanings)
+    (r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.layers\.0\.", r"\1.proj_in."),
+    (r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.layers\.1\.", r"\1.layers.0."),
+    (r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.layers\.2\.", r"\1.proj_out."),
+    (r"^(prompt_encoder|mask_decoder)\.", r"\1."),
+]
+
+
+def sam_reference(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """transformers' SAM conversion facts: renamed modules (``neck.{0..3}``, ``mask_downscaling.{0,1,3,4,6}``,
+    ``output_upscaling.{0,1,3}``), the MLP heads' ``layers.{0,1,2}`` -> ``proj_in, layers.0, proj_out``, and the
+    prompt encoder's random Fourier matrix is the model's ``shared_image_embedding``, which the target's prompt
+    encoder shares (one tensor, two keys)."""
+    sd = src.state_dict()
+    ref = renamed(sd, _SAM_RULES)
+    gauss = sd["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
+    shapes = dst.state_dict()
+    for key in ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding"):
+        if key in shapes:
+            ref[key] = gauss
+    return {k: v for k, v in ref.items() if k in shapes}
+
+
+SAM = Pair("sam_to_transformers", sam, "transformers:SamModel", HF_SAM, sam_out, hf_sam_out,
+           input_shape=(1, 3, SAM_IMG, SAM_IMG), save=save_sam_pth, reference=sam_reference,
+           tags=("segmentation", "class1", "class4"))
+
+PAIRS.append(SAM)
