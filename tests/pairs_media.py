@@ -60,7 +60,8 @@ def ldm_vae_reference(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
         k = re.sub(r"\.up\.(\d+)\.block\.", lambda m: f".up_blocks.{n - 1 - int(m.group(1))}.resnets.", k)
         k = re.sub(r"\.up\.(\d+)\.upsample\.", lambda m: f".up_blocks.{n - 1 - int(m.group(1))}.upsamplers.0.", k)
         k = re.sub(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m.group(1)) - 1}.", k)
-        k = k.replace(".nin_shortcut.", ".conv_shortcut.").replace(".mid.attn_1.norm.", ".mid_block.attentions.0.group_norm.")
+        k = k.replace(".nin_shortcut.", ".conv_shortcut.")
+        k = k.replace(".mid.attn_1.norm.", ".mid_block.attentions.0.group_norm.")
         m = re.fullmatch(r"(.+)\.mid\.attn_1\.(q|k|v|proj_out)\.(weight|bias)", k)
         if m:
             name = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}[m.group(2)]
