@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pairs import Pair
+from pairs import Pair, logits
 from reference import Reference, renamed
 
 # --- diffusion: the original LDM / Stable Diffusion autoencoder -> diffusers AutoencoderKL ----------------------
@@ -195,3 +195,114 @@ SAM = Pair("sam_to_transformers", sam, "transformers:SamModel", HF_SAM, sam_out,
            tags=("segmentation", "class1", "class4"))
 
 PAIRS.append(SAM)
+
+
+# --- audio codec: encodec -> transformers EncodecModel ---------------------------------------------------------------
+
+# 800 Hz and a hop of 8 give 100 frames a second, so bandwidths of 1 and 2 kbps use one and two codebooks of 1024.
+HF_ENCODEC = dict(sampling_rate=800, target_bandwidths=[1.0, 2.0], hidden_size=16, num_filters=4,
+                  num_residual_layers=1, upsampling_ratios=[4, 2], codebook_size=1024, codebook_dim=16,
+                  num_lstm_layers=2, norm_type="weight_norm", use_causal_conv=True)
+
+
+def encodec_model() -> nn.Module:
+    """``encodec.EncodecModel._get_model`` at test size: SEANet encoder and decoder with weight-normalised causal
+    convolutions (``torch.nn.utils.weight_norm``: ``weight_g``/``weight_v``), two LSTM layers, two codebooks."""
+    from encodec import EncodecModel
+    from encodec.modules import SEANetDecoder, SEANetEncoder
+    from encodec.quantization import ResidualVectorQuantizer
+
+    seanet = dict(channels=1, dimension=16, n_filters=4, n_residual_layers=1, ratios=[4, 2], lstm=2,
+                  norm="weight_norm", causal=True)
+    model = EncodecModel(SEANetEncoder(**seanet), SEANetDecoder(**seanet),
+                         ResidualVectorQuantizer(dimension=16, n_q=2, bins=1024), [1.0, 2.0], 800, 1)
+    model.set_target_bandwidth(2.0)
+    return model
+
+
+def save_encodec_th(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """As facebookresearch/encodec publishes ``encodec_24khz-d7cc33bc.th``: a plain state dict, ``torch.save``."""
+    path = directory / "encodec_tiny.th"
+    torch.save(sd, path)
+    return path
+
+
+def encodec_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's embeddings and the audio decoded from the codes at 2 kbps (the codes themselves, integers up to
+    1023, would dwarf the rest in the relative difference)."""
+    emb = m.encoder(x)
+    codes = m.quantizer.encode(emb, m.frame_rate, 2.0)
+    return torch.cat([emb.flatten(), m.decoder(m.quantizer.decode(codes)).flatten()])
+
+
+def hf_encodec_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    emb = m.encoder(x)
+    codes = m.quantizer.encode(emb, 2.0)
+    return torch.cat([emb.flatten(), m.decoder(m.quantizer.decode(codes)).flatten()])
+
+
+def encodec_reference(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """transformers' encodec conversion facts: ``model.N`` -> ``layers.N``; the doubled wrappers ``conv.conv`` and
+    ``convtr.convtr`` -> ``conv``; legacy weight norm ``weight_g``/``weight_v`` -> the parametrisation's
+    ``original0``/``original1`` (same dim 0, same shapes); ``quantizer.vq.layers.N._codebook`` ->
+    ``quantizer.layers.N.codebook``."""
+    return renamed(src.state_dict(), [
+        (r"^(encoder|decoder)\.model\.(\d+)\.(conv\.conv|convtr\.convtr)\.weight_g$",
+         r"\1.layers.\2.conv.parametrizations.weight.original0"),
+        (r"^(encoder|decoder)\.model\.(\d+)\.(conv\.conv|convtr\.convtr)\.weight_v$",
+         r"\1.layers.\2.conv.parametrizations.weight.original1"),
+        (r"^(encoder|decoder)\.model\.(\d+)\.(conv\.conv|convtr\.convtr)\.bias$", r"\1.layers.\2.conv.bias"),
+        (r"^(encoder|decoder)\.model\.(\d+)\.(block\.\d+|shortcut)\.conv\.conv\.weight_g$",
+         r"\1.layers.\2.\3.conv.parametrizations.weight.original0"),
+        (r"^(encoder|decoder)\.model\.(\d+)\.(block\.\d+|shortcut)\.conv\.conv\.weight_v$",
+         r"\1.layers.\2.\3.conv.parametrizations.weight.original1"),
+        (r"^(encoder|decoder)\.model\.(\d+)\.(block\.\d+|shortcut)\.conv\.conv\.bias$", r"\1.layers.\2.\3.conv.bias"),
+        (r"^(encoder|decoder)\.model\.(\d+)\.lstm\.", r"\1.layers.\2.lstm."),
+        (r"^quantizer\.vq\.layers\.(\d+)\._codebook\.", r"quantizer.layers.\1.codebook."),
+    ])
+
+
+ENCODEC = Pair("encodec_to_transformers", encodec_model, "transformers:EncodecModel", HF_ENCODEC, encodec_out,
+               hf_encodec_out, input_shape=(1, 1, 160), save=save_encodec_th, reference=encodec_reference,
+               tags=("audio codec", "class2"))
+
+PAIRS.append(ENCODEC)
+
+
+# --- vocoder: a HiFi-GAN training checkpoint (weight norm) -> the inference generator (plain weights) ---------------
+
+def hifigan_training() -> nn.Module:
+    from hifigan import training_generator
+
+    return training_generator()
+
+
+def save_hifigan_generator(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """As jik876/hifi-gan's train.py saves it: ``{'generator': state_dict}`` to ``g_NNNNNNNN``, no suffix."""
+    path = directory / "g_02500000"
+    torch.save({"generator": sd}, path)
+    return path
+
+
+def weight_normed(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``weight = g * v / ||v||``, the norm over every dim but 0 (``torch.nn.utils.weight_norm``'s default dim)."""
+    return g * v / v.flatten(1).norm(dim=1).reshape(g.shape)
+
+
+def hifigan_reference(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """Same names; each ``weight_g``/``weight_v`` pair becomes one ``weight`` (what ``remove_weight_norm`` does)."""
+    sd = src.state_dict()
+    ref = {k: v for k, v in sd.items() if not k.endswith(("weight_g", "weight_v"))}
+    for key in sd:
+        if key.endswith(".weight_g"):
+            stem = key[: -len("_g")]
+            ref[stem] = weighted = weight_normed(sd[key], sd[stem + "_v"])
+            assert weighted.shape == sd[stem + "_v"].shape
+    return ref
+
+
+HIFIGAN = Pair("hifigan_weight_norm_removed", hifigan_training, "hifigan:inference_generator", {}, logits, logits,
+               input_shape=(1, 80, 12), save=save_hifigan_generator, reference=hifigan_reference,
+               tags=("vocoder", "class2"))
+
+PAIRS.append(HIFIGAN)
