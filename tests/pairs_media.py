@@ -306,3 +306,56 @@ HIFIGAN = Pair("hifigan_weight_norm_removed", hifigan_training, "hifigan:inferen
                tags=("vocoder", "class2"))
 
 PAIRS.append(HIFIGAN)
+
+
+# --- segmentation: the whole SAM checkpoint -> transformers SamVisionModel (the image encoder alone) ----------------
+
+def sam_image_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.image_encoder(x)
+
+
+def hf_sam_vision_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(pixel_values=x).last_hidden_state
+
+
+# The prompt encoder and the mask decoder have no counterpart: dropped whole, they must feed no kept target.
+SAM_VISION = Pair("sam_image_encoder_only", sam, "transformers:SamVisionModel", HF_SAM["vision_config"], sam_image_out,
+                  hf_sam_vision_out, input_shape=(1, 3, SAM_IMG, SAM_IMG), save=save_sam_pth,
+                  reference=sam_reference, tags=("segmentation", "class8"))
+
+PAIRS.append(SAM_VISION)
+
+
+# --- diffusion: a diffusers checkpoint written before 0.14 (legacy attention names) -> diffusers today -------------
+
+def diffusers_vae() -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**DIFFUSERS_VAE)
+
+
+def save_legacy_diffusers(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """As diffusers before 0.14 saved a VAE: ``diffusion_pytorch_model.bin`` (``torch.save``), the mid-block
+    attention's Linear layers named ``query/key/value/proj_attn`` (what ``_convert_deprecated_attention_blocks``
+    in diffusers' ``modeling_utils.py`` renames on load)."""
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    out = {}
+    for key, value in sd.items():
+        m = re.fullmatch(r"(.+\.attentions\.\d+)\.(to_q|to_k|to_v|to_out\.0)\.(weight|bias)", key)
+        out[f"{m.group(1)}.{legacy[m.group(2)]}.{m.group(3)}" if m else key] = value
+    path = directory / "diffusion_pytorch_model.bin"
+    torch.save(out, path)
+    return path
+
+
+def same_names(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """The source model is the target's class: every tensor under its own name is the truth."""
+    return dict(src.state_dict())
+
+
+DIFFUSERS_LEGACY_ATTENTION = Pair(
+    "diffusers_legacy_attention_names", diffusers_vae, "diffusers:AutoencoderKL", DIFFUSERS_VAE, diffusers_vae_out,
+    diffusers_vae_out, input_shape=(1, 3, 16, 16), save=save_legacy_diffusers, reference=same_names,
+    tags=("diffusion", "renames"))
+
+PAIRS.append(DIFFUSERS_LEGACY_ATTENTION)
