@@ -119,8 +119,9 @@ def test_mlp_layers_by_exact_name_are_not_proven(built):
     sd = src.state_dict()
     by_name = dict(ref)
     for kind in ("weight", "bias"):
-        by_name[f"mask_decoder.iou_prediction_head.layers.0.{kind}"] = sd[f"mask_decoder.iou_prediction_head.layers.0.{kind}"]
-        by_name[f"mask_decoder.iou_prediction_head.proj_in.{kind}"] = sd[f"mask_decoder.iou_prediction_head.layers.1.{kind}"]
+        head = "mask_decoder.iou_prediction_head"
+        by_name[f"{head}.layers.0.{kind}"] = sd[f"{head}.layers.0.{kind}"]
+        by_name[f"{head}.proj_in.{kind}"] = sd[f"{head}.layers.1.{kind}"]
     assert prove(SAM, src, by_name) > 1e-2
 
 
