@@ -359,3 +359,72 @@ DIFFUSERS_LEGACY_ATTENTION = Pair(
     tags=("diffusion", "renames"))
 
 PAIRS.append(DIFFUSERS_LEGACY_ATTENTION)
+
+
+# --- segmentation: the original SegFormer (mmseg) -> transformers SegformerForSemanticSegmentation -----------------
+
+HF_SEGFORMER = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 2, 1, 1], num_attention_heads=[1, 2, 3, 4],
+                    decoder_hidden_size=16, num_labels=5)
+
+
+def segformer() -> nn.Module:
+    from segformer_mit import segformer_b0_tiny
+
+    return segformer_b0_tiny()
+
+
+def save_mmseg_pth(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """As mmcv's ``save_checkpoint`` writes ``segformer.b0.512x512.ade.160k.pth``: ``meta``, ``state_dict`` and the
+    optimizer's state."""
+    path = directory / "segformer.b0.tiny.ade.pth"
+    meta = {"mmseg_version": "0.11.0+", "CLASSES": ("wall", "building", "sky", "floor", "tree"), "iter": 160000}
+    torch.save({"meta": meta, "state_dict": sd, "optimizer": {"state": {}, "param_groups": []}}, path)
+    return path
+
+
+def hf_segmentation_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(pixel_values=x).logits
+
+
+def segformer_reference(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """transformers' SegFormer conversion facts (stage names as transformers 5 spells them): the original's
+    1-based ``patch_embed{s}``, ``block{s}``, ``norm{s}``, ``linear_c{s}`` are the 0-based ``stages.{s-1}`` and
+    ``linear_projections.{s-1}``; the fused ``kv`` [2C, C] splits into ``k_proj`` (first C rows) and ``v_proj``;
+    ``linear_fuse.conv``/``linear_fuse.bn`` are ``linear_fuse``/``batch_norm``, ``linear_pred`` the ``classifier``.
+    mmseg's ``conv_seg`` (built by ``BaseDecodeHead``, never called by this head) has no counterpart."""
+    sd = src.state_dict()
+    shift = lambda m: f"segformer.stages.{int(m.group(1)) - 1}."  # noqa: E731
+    ref = {}
+    for key, value in sd.items():
+        k = re.sub(r"^backbone\.patch_embed(\d)\.norm\.", lambda m: shift(m) + "patch_embeddings.layer_norm.", key)
+        k = re.sub(r"^backbone\.patch_embed(\d)\.", lambda m: shift(m) + "patch_embeddings.", k)
+        k = re.sub(r"^backbone\.norm(\d)\.", lambda m: shift(m) + "layer_norm.", k)
+        k = re.sub(r"^backbone\.block(\d)\.", lambda m: shift(m) + "blocks.", k)
+        k = re.sub(r"\.norm1\.", ".layernorm_before.", k)
+        k = re.sub(r"\.norm2\.", ".layernorm_after.", k)
+        k = re.sub(r"\.attn\.q\.", ".attention.q_proj.", k)
+        k = re.sub(r"\.attn\.proj\.", ".attention.o_proj.", k)
+        k = re.sub(r"\.attn\.sr\.", ".attention.sequence_reduction.sequence_reduction.", k)
+        k = re.sub(r"\.attn\.norm\.", ".attention.sequence_reduction.layer_norm.", k)
+        k = re.sub(r"^decode_head\.linear_c(\d)\.", lambda m: f"decode_head.linear_projections.{int(m.group(1)) - 1}.",
+                   k)
+        k = k.replace("decode_head.linear_fuse.conv.", "decode_head.linear_fuse.")
+        k = k.replace("decode_head.linear_fuse.bn.", "decode_head.batch_norm.")
+        k = k.replace("decode_head.linear_pred.", "decode_head.classifier.")
+        if k.startswith("decode_head.conv_seg."):
+            continue
+        m = re.fullmatch(r"(.+)\.attn\.kv\.(weight|bias)", k)
+        if m:
+            half = value.shape[0] // 2
+            ref[f"{m.group(1)}.attention.k_proj.{m.group(2)}"] = value[:half]
+            ref[f"{m.group(1)}.attention.v_proj.{m.group(2)}"] = value[half:]
+            continue
+        ref[k] = value
+    return ref
+
+
+SEGFORMER = Pair("segformer_mmseg_to_transformers", segformer, "transformers:SegformerForSemanticSegmentation",
+                 HF_SEGFORMER, logits, hf_segmentation_logits, input_shape=(1, 3, 64, 64), save=save_mmseg_pth,
+                 reference=segformer_reference, tags=("segmentation", "class5", "class7"))
+
+PAIRS.append(SEGFORMER)

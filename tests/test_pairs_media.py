@@ -37,6 +37,8 @@ FAILS_END_TO_END = {
     "encodec_to_transformers": "class 2: legacy weight_g/weight_v vs parametrizations.weight.original0/1 "
                                "(60 conv keys unresolved)",
     "hifigan_weight_norm_removed": "class 2: weight = g * v / ||v|| into plain convolutions (40 weights unresolved)",
+    "segformer_mmseg_to_transformers": "class 5: 1-based indices inside a name (patch_embed1, norm1) are the "
+                                       "0-based stages.0 (24 keys unresolved)",
 }
 
 
