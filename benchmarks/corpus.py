@@ -17,6 +17,8 @@ unresolved (exit 1) with every applied entry right. The `ref` column is the refe
 (`proven`: the target loaded with it reproduces the source; `shapes`: a negative pair's shared part fits). Then
 the headline figures and a reliability table: per confidence band, how many proposals were right.
 
+Issue 11 adds tests/pairs_media.py (segmentation, diffusion, audio codec, vocoder), judged the same way in part 2.
+
 Caveat: eleven old-corpus pairs (reference.ENGINE_PROVEN: the ViTs, the Swins, torchvision's RegNet) use keydiff's
 own tensors as their reference, proven only by the outputs; their applied entries are right by construction, so the
 entry figures there add nothing beyond "the outputs agree".
@@ -120,10 +122,11 @@ def entry_figures(outcomes: list) -> int:
 
 def main(argv: list[str]) -> int:
     from pairs import CORPUS_PAIRS, UNSEEN_PAIRS
+    from pairs_media import PAIRS as MEDIA_PAIRS
     from reference import as_negative, evaluate
     from test_corpus import NEGATIVE
 
-    pairs = [*CORPUS_PAIRS, *UNSEEN_PAIRS, *(as_negative(p) for _, p in NEGATIVE)]
+    pairs = [*CORPUS_PAIRS, *UNSEEN_PAIRS, *(as_negative(p) for _, p in NEGATIVE), *MEDIA_PAIRS]
     if argv:
         pairs = [p for p in pairs if p.name in argv]
     outcomes = {}

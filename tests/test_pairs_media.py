@@ -14,19 +14,20 @@ from dataclasses import replace
 
 import pytest
 import torch
-from pairs_media import LDM_VAE, PAIRS, SAM
 from safetensors.torch import load_file
 
 from keydiff.cli import main
 
 from pairs import Pair, max_rel_diff, write_source
+from pairs_media import LDM_VAE, PAIRS, SAM
 from reference import check_entries, describe, prove
 
 # How each pair fails today. Precision failures are the serious ones: a wrong entry applied, or exit 0 with other
 # outputs; end-to-end failures include every pair keydiff does not solve yet.
 FAILS_PRECISION = {
-    "ldm_vae_to_diffusers": "class 5: the decoder's up.{i} is up_blocks.{n-1-i}; equal-width levels are paired "
-                            "in index order and the norms shift by one module; exit 0 with other outputs",
+    "ldm_vae_to_diffusers": "class 5 and norm roles: the decoder's up.{i} is up_blocks.{n-1-i} but equal-width "
+                            "levels pair in index order, and GroupNorms move to the module after theirs "
+                            "(down.2.block.0.norm1 -> mid_block.resnets.0.norm1); exit 0 with other outputs",
     "sam_to_transformers": "class 4: the MLP heads' layers.{0,1,2} are proj_in, layers.0, proj_out; layers.0 is "
                            "taken by its exact name (20 wrong entries)",
     "sam_image_encoder_only": "class 8: the dropped mask decoder's layers.1.norm2 fills the kept "
