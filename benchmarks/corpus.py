@@ -18,6 +18,8 @@ unresolved (exit 1) with every applied entry right. The `ref` column is the refe
 (`proven`: the target loaded with it reproduces the source; `shapes`: a negative pair's shared part fits). Then
 the headline figures and a reliability table: per confidence band, how many proposals were right.
 
+Issue 11 adds tests/pairs_media.py (segmentation, diffusion, audio codec, vocoder), judged the same way in part 2.
+
 Caveat: eleven old-corpus pairs (reference.ENGINE_PROVEN: the ViTs, the Swins, torchvision's RegNet) use keydiff's
 own tensors as their reference, proven only by the outputs; their applied entries are right by construction, so the
 entry figures there add nothing beyond "the outputs agree".
@@ -121,16 +123,18 @@ def entry_figures(outcomes: list) -> int:
 
 def main(argv: list[str]) -> int:
     from pairs import CORPUS_PAIRS, UNSEEN_PAIRS
+    from pairs_media import PAIRS as MEDIA_PAIRS
     from reference import as_negative, evaluate
     from test_corpus import NEGATIVE
 
-    pairs = [*CORPUS_PAIRS, *UNSEEN_PAIRS, *(as_negative(p) for _, p in NEGATIVE)]
-    if "--text" in argv:  # issue 11's pairs beyond vision classifiers (tests/pairs_text.py), judged the same way
-        from pairs_text import PAIRS
+    from pairs_text import PAIRS as TEXT_PAIRS
 
-        argv = [a for a in argv if a != "--text"]
-        pairs = [p for p in PAIRS if not argv or p.name in argv]
-        argv = argv or [p.name for p in pairs]
+    pairs = [*CORPUS_PAIRS, *UNSEEN_PAIRS, *(as_negative(p) for _, p in NEGATIVE), *TEXT_PAIRS, *MEDIA_PAIRS]
+    for flag, only in (("--text", TEXT_PAIRS), ("--media", MEDIA_PAIRS)):  # issue 11's pairs, judged the same way
+        if flag in argv:
+            argv = [a for a in argv if a != flag]
+            pairs = [p for p in only if not argv or p.name in argv]
+            argv = argv or [p.name for p in pairs]
     if argv:
         pairs = [p for p in pairs if p.name in argv]
     outcomes = {}
