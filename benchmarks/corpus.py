@@ -124,10 +124,9 @@ def entry_figures(outcomes: list) -> int:
 def main(argv: list[str]) -> int:
     from pairs import CORPUS_PAIRS, UNSEEN_PAIRS
     from pairs_media import PAIRS as MEDIA_PAIRS
+    from pairs_text import PAIRS as TEXT_PAIRS
     from reference import as_negative, evaluate
     from test_corpus import NEGATIVE
-
-    from pairs_text import PAIRS as TEXT_PAIRS
 
     pairs = [*CORPUS_PAIRS, *UNSEEN_PAIRS, *(as_negative(p) for _, p in NEGATIVE), *TEXT_PAIRS, *MEDIA_PAIRS]
     for flag, only in (("--text", TEXT_PAIRS), ("--media", MEDIA_PAIRS)):  # issue 11's pairs, judged the same way

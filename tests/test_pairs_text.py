@@ -11,12 +11,12 @@ import warnings
 
 import pytest
 import torch
-from pairs_text import CLASSES, CONV1D, PAIRS, rotary_rows
 from safetensors.torch import load_file
 
 from keydiff.cli import main
 
 from pairs import Pair, max_rel_diff, write_source
+from pairs_text import CLASSES, CONV1D, PAIRS, rotary_rows
 from reference import describe, evaluate, prove
 
 ROTARY = "class 3: q/k rows need the per-head rotary permutation (interleaved <-> half)"
