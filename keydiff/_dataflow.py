@@ -118,10 +118,12 @@ def _no_meta_left_in_caches(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for c in gc.get_objects():
-            if isinstance(c, functools._lru_cache_wrapper) and c.cache_info().misses and \
-                    getattr(c, "__module__", "").partition(".")[0] in packages:
-                c.cache_clear()
+        with warnings.catch_warnings():  # looking at a deprecated object (torch.distributed.reduce_op) warns
+            warnings.simplefilter("ignore")
+            for c in gc.get_objects():
+                if isinstance(c, functools._lru_cache_wrapper) and c.cache_info().misses and \
+                        getattr(c, "__module__", "").partition(".")[0] in packages:
+                    c.cache_clear()
 
 
 def _trace(model: nn.Module, state: Mapping[str, Any], keys: list[str], example: Any, budget: float) -> Dataflow:
@@ -524,7 +526,9 @@ def _declared_channels(model: nn.Module) -> int | None:
         if isinstance(size, (tuple, list)) and len(size) == 3 and isinstance(size[0], int) and size[0] > 0:
             return size[0]
     for attr in ("in_chans", "in_channels", "num_channels"):
-        value = getattr(model, attr, None)
+        with warnings.catch_warnings():  # diffusers warns on config attributes read off the model
+            warnings.simplefilter("ignore")
+            value = getattr(model, attr, None)
         if isinstance(value, int) and value > 0:
             return value
     return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)

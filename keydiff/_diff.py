@@ -450,7 +450,24 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
 
 def _match(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_rest: list[str],
            to_raw: Mapping[str, str]) -> tuple[list[Entry], list[str]]:
-    """The engine proper on the keys no name matched: units, clusters, matching; ``checkpoint`` normalised."""
+    """The engine proper on the keys no name matched: units, clusters, matching; ``checkpoint`` normalised.
+
+    Where both sides hold the same named subtrees (``encoder`` and ``decoder``), each is matched with its
+    namesake only, and what lies outside them with what lies outside them: the order of two subtrees in a file
+    (sorted names put the decoder first) says nothing about which is which, and parts of a decoder must never
+    fill an encoder.
+    """
+    entries: list[Entry] = []
+    notes: list[str] = []
+    for src_keys, dst_keys in _subtrees(src_rest, dst_rest):
+        found, said = _match_part(checkpoint, model, src_keys, dst_keys, to_raw)
+        entries += found
+        notes += said
+    return entries, notes
+
+
+def _match_part(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_rest: list[str],
+                to_raw: Mapping[str, str]) -> tuple[list[Entry], list[str]]:
     wanted = set(src_rest)
     order = [k for k in checkpoint if k in wanted]  # the key set's order: a set's would vary from run to run
     if not checkpoint.order_is_evidence:
@@ -459,6 +476,51 @@ def _match(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_rest: lis
     dst_units = build_units(model, dst_rest, order=_run_order(model, dst_rest))
     pairings, _, _, notes = match_units(src_units, dst_units, file_order=checkpoint.order_is_evidence)
     return [e for p in pairings for e in _entries(p, to_raw)], notes
+
+
+SUBTREE_DEPTH = 3
+"""A named subtree is matched on its own only when it holds keys at least this many tokens below its name."""
+
+
+def _subtrees(src: list[str], dst: list[str]) -> list[tuple[list[str], list[str]]]:
+    """The two sides' keys split by the subtrees both name alike, plus the rest of each side as one more part.
+
+    A side's subtrees are the children where its keys first branch (below wrappers every key shares, such as
+    ``model.``); two or more names shared by both sides, each a deep subtree on both, split the matching.
+
+    Example:
+        >>> src = ["model.encoder.layers.0.fc1.weight", "model.decoder.layers.0.fc1.weight"]
+        >>> dst = ["encoder.blocks.0.mlp.0.weight", "decoder.blocks.0.mlp.0.weight", "proj.weight"]
+        >>> [(len(a), len(b)) for a, b in _subtrees(src, dst)]
+        [(1, 1), (1, 1), (0, 1)]
+    """
+    if not src or not dst:
+        return [(src, dst)]
+    sides = [_branches(keys) for keys in (src, dst)]
+    shared = sorted((set(sides[0]) & set(sides[1])) - {""})
+    if len(shared) < 2:
+        return [(src, dst)]
+    parts = [(sides[0][name], sides[1][name]) for name in shared]
+    rest = tuple([k for name, keys in side.items() if name not in shared for k in keys] for side in sides)
+    return [*parts, rest] if any(rest) else parts
+
+
+def _branches(keys: list[str]) -> dict[str, list[str]]:
+    """A side's keys by the child they fall under where the keys first branch; only deep, named children count
+    (a bare index is a repeat, not a subtree; a child holding no key ``SUBTREE_DEPTH`` tokens down is a part)."""
+    split = [k.split(".") for k in keys]
+    depth = 0
+    while all(len(t) > depth + 1 for t in split) and len({t[depth] for t in split}) == 1:
+        depth += 1
+    out: dict[str, list[str]] = {}
+    deep: set[str] = set()
+    for key, tokens in zip(keys, split, strict=True):
+        name = tokens[depth] if len(tokens) > depth + 1 else ""
+        out.setdefault(name, []).append(key)
+        if len(tokens) > depth + SUBTREE_DEPTH:
+            deep.add(name)
+    return {name: ks for name, ks in out.items() if name in deep and not name.isdigit()} | (
+        {"": [k for name, ks in out.items() if name not in deep or name.isdigit() for k in ks]})
 
 
 def _run_order(model: KeySet, keys: list[str]) -> list[str] | None:

@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from itertools import pairwise
 
 from rapidfuzz import fuzz
 
@@ -867,18 +868,20 @@ def _is_follower(unit: Unit) -> bool:
     return not unit.parts and not unit.stack and max(dims, default=0) == 1
 
 
-def _anchors(dst: Sequence[Unit]) -> dict[int, Unit]:
+def _anchors(dst: Sequence[Unit], *, before: bool = False) -> dict[int, Unit]:
     """For each follower unit of the model, the module whose output it acts on: the nearest tensor-owning
     non-follower that runs before it (``conv_pw`` for ``bn1``, ``conv_dw`` for ``bn2``).
 
     A module's own tensors come before its children's in a state dict whatever the order they run in (a block's
-    layer scale), so a unit that contains other units has no place in this order and no anchor.
+    layer scale), so a unit that contains other units has no place in this order and no anchor. ``before``: the
+    nearest such module that runs after it instead (what a pre-norm feeds: ``conv1`` for a residual block's
+    ``norm1``).
     """
     paths = {u.path for u in dst}
     parents = {a for u in dst for a in _ancestors(u)} & paths
     out: dict[int, Unit] = {}
     last: Unit | None = None
-    for u in sorted(dst, key=lambda u: u.position):
+    for u in sorted(dst, key=lambda u: u.position, reverse=before):
         if u.path in parents:
             continue
         if _is_follower(u):
@@ -897,14 +900,18 @@ class _Followers:
     def __init__(self, pairings: list[Pairing], dst: Sequence[Unit]) -> None:
         self.pairings = pairings
         self.anchor = _anchors(dst)
+        self.feeds = _anchors(dst, before=True)
         self.after: dict[int, list[Unit]] = defaultdict(list)
         for u in sorted(dst, key=lambda u: u.position):
             a = self.anchor.get(id(u))
             if a is not None:
                 self.after[id(a)].append(u)
         self.siblings: dict[str, list[Unit]] = defaultdict(list)
+        # a parent that also holds deeper modules (an encoder's blocks beside its embedding) may run its norm after
+        # those (a final norm): its direct children say nothing about what the norm acts on
+        nested = {a for p in pairings for a in _ancestors(p.source)[:-1]}
         for p in pairings:
-            if not _is_follower(p.source):
+            if not _is_follower(p.source) and _parent(p.source) not in nested:
                 self.siblings[_parent(p.source)].append(p.source)
         self._reindex()
 
@@ -917,8 +924,12 @@ class _Followers:
                 if id(s) in self.by_source]
 
     def coherent(self, source: Unit, target: Unit) -> bool:
-        a = self.anchor.get(id(target))
-        return a is not None and any(a is t for t in self.sibling_targets(source))
+        """Whether ``target`` runs right after, or right before, a module that ``source``'s siblings map to: a
+        norm acts on what one of its block's modules made (a post-norm) or makes what one of them takes (a
+        pre-norm); the checkpoint's names do not say which, so either is coherent."""
+        targets = self.sibling_targets(source)
+        a, b = self.anchor.get(id(target)), self.feeds.get(id(target))
+        return any(t is a or t is b for t in targets if t is not None)
 
     def repair(self) -> int:
         """Swap weakly named norms to the targets their siblings say; returns how many pairings moved."""
@@ -964,6 +975,85 @@ class _Followers:
                 anchor = self.anchor[id(p.target)]
                 note = f"dataflow: runs after {anchor.path}, which its checkpoint siblings map to"
                 self.pairings[n] = Pairing(p.source, p.target, p.method, 0.75, p.name_score, p.cluster, note)
+
+
+def _index_order(pairings: list[Pairing]) -> list[Pairing]:
+    """Unproven: weakly named pairings whose repeats map onto the other side's in no order.
+
+    Between two repeated containers (``up.{i}`` and ``up_blocks.{j}``) the pairings say which index becomes which.
+    Libraries number alike, shift by one, flatten stages into one run or number a decoder's levels backwards:
+    every such correspondence keeps or reverses the order of the indices. One that does neither (0 -> 2, 1 -> 0,
+    2 -> 1) is position pairing gone astray among same-shaped repeats, and the pairings that only position or
+    shape carried are not applied.
+    """
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for n, p in enumerate(pairings):
+        if p.source.indices and p.target.indices:
+            groups[p.source.template.partition(SLOT)[0], p.target.template.partition(SLOT)[0]].append(n)
+    flagged: set[int] = set()
+    for members in groups.values():
+        pairs = sorted({(pairings[n].source.indices[0], pairings[n].target.indices[0]) for n in members})
+        if len({a for a, _ in pairs}) < 2:
+            continue
+        rising = all(b <= d for (a, b), (c, d) in _ordered_pairs(pairs))
+        falling = all(b >= d for (a, b), (c, d) in _ordered_pairs(pairs))
+        if not rising and not falling:
+            flagged.update(n for n in members if not _named(pairings[n]))
+    out = list(pairings)
+    for n in flagged:
+        p = pairings[n]
+        note = ("unproven: the repeats this pairing belongs to map onto the model's in no order (neither kept, "
+                "shifted nor reversed): position among same-shaped repeats does not decide")
+        out[n] = Pairing(p.source, p.target, p.method, min(p.confidence, 0.35), p.name_score, p.cluster, note)
+    return out
+
+
+def _ordered_pairs(pairs: list[tuple[int, int]]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Every two index pairs whose source indices differ, the smaller source first."""
+    return [(x, y) for i, x in enumerate(pairs) for y in pairs[i + 1:] if x[0] < y[0]]
+
+
+def _sibling_order(followers: _Followers, file_order: bool) -> None:
+    """Same-shaped norms of one block, paired by position, keep the order the checkpoint lists them in.
+
+    The order step places a norm among the other modules of its block, and there the file can mislead: a block
+    may declare a norm after the module it runs before (``attn``, ``attn_ln``, ``mlp``, ``mlp_ln`` running
+    ``attn_ln`` first), which shifts every norm by one place. The order of the norms among themselves does not
+    depend on where each is declared: when the pairings cross it, they are put back in that order, unless names
+    (by a margin) or dataflow (a norm running after the module its checkpoint siblings map to) say otherwise.
+    """
+    pairings = followers.pairings
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for n, p in enumerate(pairings):
+        if p.method == "order" and _is_follower(p.source) and not _named(p):
+            groups[_parent(p.source), _parent(p.target), p.source.signature].append(n)
+    changed = False
+    for members in groups.values():
+        if len(members) < 2 or any(followers.coherent(pairings[n].source, pairings[n].target) for n in members):
+            continue
+        sources = sorted(members, key=lambda n: pairings[n].source.position)
+        if not all(_order_is_evidence(pairings[a].source, pairings[b].source, file_order)
+                   for a, b in pairwise(sources)):
+            continue
+        targets = sorted((pairings[n].target for n in members), key=lambda u: u.position)
+        if all(pairings[n].target is t for n, t in zip(sources, targets, strict=True)):
+            continue
+        if any(unit_relation(pairings[n].source, t) is None for n, t in zip(sources, targets, strict=True)):
+            continue
+        kept = sum(_gain(pairings[n].source, pairings[n].target) for n in members)
+        ordered = sum(_gain(pairings[n].source, t) for n, t in zip(sources, targets, strict=True))
+        if kept - ordered >= AMBIGUITY_MARGIN:
+            continue
+        note = ("the order the checkpoint lists these same-shaped norms in, which is the order they run in "
+                "(their places among the other modules differ)")
+        for n, t in zip(sources, targets, strict=True):
+            p = pairings[n]
+            if t is not p.target:
+                pairings[n] = Pairing(p.source, t, p.method, min(p.confidence, 0.7),
+                                      name_similarity(p.source.template, t.template), p.cluster, note)
+        changed = True
+    if changed:
+        followers._reindex()
 
 
 def _role_ambiguous(pairings: list[Pairing], followers: _Followers, file_order: bool) -> list[Pairing]:
@@ -1108,8 +1198,10 @@ def match_units(src: list[Unit], dst: list[Unit], *, file_order: bool = True
     if any(not _named(p) for p in pairings):  # names carry every pairing (100,000 experts): nothing to weigh
         followers = _Followers(pairings, dst)
         followers.repair()
+        _sibling_order(followers, file_order)
         followers.decide(0.5)
         pairings = _role_ambiguous(followers.pairings, followers, file_order)
+        pairings = _index_order(pairings)
     # a bare matrix's pairing carries the zeros beside it; dataflow and role checks are about other pairings
     return pairings + bare, left_src, left_dst, notes
 

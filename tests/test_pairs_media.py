@@ -25,9 +25,6 @@ from reference import check_entries, describe, prove
 # How each pair fails today. Precision failures are the serious ones: a wrong entry applied, or exit 0 with other
 # outputs; end-to-end failures include every pair keydiff does not solve yet.
 FAILS_PRECISION = {
-    "ldm_vae_to_diffusers": "class 5 and norm roles: the decoder's up.{i} is up_blocks.{n-1-i} but equal-width "
-                            "levels pair in index order, and GroupNorms move to the module after theirs "
-                            "(down.2.block.0.norm1 -> mid_block.resnets.0.norm1); exit 0 with other outputs",
     "sam_to_transformers": "class 4: the MLP heads' layers.{0,1,2} are proj_in, layers.0, proj_out; layers.0 is "
                            "taken by its exact name (20 wrong entries)",
     "sam_image_encoder_only": "class 8: the dropped mask decoder's layers.1.norm2 fills the kept "
@@ -35,6 +32,8 @@ FAILS_PRECISION = {
 }
 FAILS_END_TO_END = {
     **FAILS_PRECISION,
+    "ldm_vae_to_diffusers": "class 5: the decoder's up.{i} is up_blocks.{n-1-i}; equal-width levels cannot show it "
+                            "by shapes, and position pairing that maps them in no order stays unproven (exit 1)",
     "encodec_to_transformers": "class 2: legacy weight_g/weight_v vs parametrizations.weight.original0/1 "
                                "(60 conv keys unresolved)",
     "hifigan_weight_norm_removed": "class 2: weight = g * v / ||v|| into plain convolutions (40 weights unresolved)",
