@@ -435,6 +435,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     found, tower = _one_tower(found, norm_keys, model, src_rest, dst_rest, to_model, to_raw, min_confidence)
     entries.extend(found[0])
     notes = found[1]
+    entries = _sequential_positions(entries, model, to_model)
     entries = _transpose_convention(entries, norm_keys, to_model)
     order_of = {k: i for i, k in enumerate(model)}
     entries.sort(key=lambda e: order_of[e.target])
@@ -509,9 +510,7 @@ def _branches(keys: list[str]) -> dict[str, list[str]]:
     """A side's keys by the child they fall under where the keys first branch; only deep, named children count
     (a bare index is a repeat, not a subtree; a child holding no key ``SUBTREE_DEPTH`` tokens down is a part)."""
     split = [k.split(".") for k in keys]
-    depth = 0
-    while all(len(t) > depth + 1 for t in split) and len({t[depth] for t in split}) == 1:
-        depth += 1
+    depth = _branch_depth(keys)
     out: dict[str, list[str]] = {}
     deep: set[str] = set()
     for key, tokens in zip(keys, split, strict=True):
@@ -604,9 +603,9 @@ def _one_tower(found: tuple[list[Entry], list[str]], checkpoint: KeySet, model: 
     ``token_embedding``...). When most of the model's matched keys come from one subtree, and from more than one
     part of the model there (not only its blocks: a tower, not an encoder), tensors outside it are implausible
     for the rest: a text block of the same width would tie with a vision block, a text projection with the
-    visual one. An open match that filled every model key stands (the subtree is named only if it used nothing
-    outside); else the subtree's match is kept when it fills at least every model key the open match filled, so
-    a checkpoint whose head lives beside its backbone (``backbone.*`` + ``head.*``) keeps its head.
+    visual one. An open match that filled every model key from the subtree alone stands; else the subtree's match
+    is kept when it fills at least as many model keys as the open match, so a checkpoint whose head lives beside
+    its backbone (``backbone.*`` + ``head.*``) keeps its head, and a tower the model lacks feeds nothing.
 
     Returns:
         The match to use, and the subtree (``""`` when there is none).
@@ -621,7 +620,9 @@ def _one_tower(found: tuple[list[Entry], list[str]], checkpoint: KeySet, model: 
         tops[sources.pop() if len(sources) == 1 else ""].append(e)
     tower, inside = max(((t, es) for t, es in tops.items() if t), key=lambda te: (len(te[1]), te[0]),
                         default=("", []))
-    if 2 * len(inside) < len(sourced) or len({_top(e.target) or e.target for e in inside}) < 2:
+    depth = _branch_depth(list(model))  # a model wrapped whole (``vision_encoder.*``) has its parts one level down
+    parts = {".".join(e.target.split(".")[: depth + 1]) for e in inside}
+    if 2 * len(inside) < len(sourced) or len(parts) < 2:
         return found, ""
     within = [k for k in src_rest if _top(k) == tower]
     if len(src_rest) - len(within) < TOWER_MIN_SHARE * len(src_rest):
@@ -632,15 +633,23 @@ def _one_tower(found: tuple[list[Entry], list[str]], checkpoint: KeySet, model: 
 
     note = (f"the model is one tower of this checkpoint: it matches inside `{tower}.`; the "
             f"{len(src_rest) - len(within)} tensors outside it were not considered")
-    if filled(entries) == len(dst_rest):
-        # nothing left to find: the subtree is named only when the open match took nothing from outside it
-        if len(inside) < len(sourced):
-            return found, ""
-        return (found[0], [*found[1], note]), tower
+    if filled(entries) == len(dst_rest) and len(inside) == len(sourced):
+        return (found[0], [*found[1], note]), tower  # nothing left to find, and nothing taken from outside
+    # a complete open match that took a few tensors from another tower (a decoder's norm of the same width) is
+    # matched again inside the tower: if that fills as much, the other tower feeds nothing
     again = _match(checkpoint, model, within, dst_rest, to_raw)
     if filled(again[0]) < filled(entries):
         return found, ""
     return (again[0], [*again[1], note]), tower
+
+
+def _branch_depth(keys: list[str]) -> int:
+    """How many leading tokens every key shares (``vision_encoder.`` of a wrapped model): where the keys branch."""
+    split = [k.split(".") for k in keys]
+    depth = 0
+    while split and all(len(t) > depth + 1 for t in split) and len({t[depth] for t in split}) == 1:
+        depth += 1
+    return depth
 
 
 def _other_towers(mapping: KeyMap, tower: str, to_model: Mapping[str, str]) -> KeyMap:
@@ -718,6 +727,62 @@ def _unstack_entries(p: Pairing, i: int, sl: Any, to_raw: Mapping[str, str], ev:
         out.append(Entry(source=(to_raw[sl.keys[0]],), target=key, op=Op(kind="unstack", dim=0, index=j, sizes=sizes),
                          confidence=p.confidence, evidence=Evidence(shape="unstacked", **ev),
                          source_shapes=(sl.shape,), target_shape=shape))
+    return out
+
+
+def _sequential_positions(entries: list[Entry], model: KeySet, to_model: Mapping[str, str]) -> list[Entry]:
+    """A sequence's positional names are positions, not roles: ``layers.{0,1,2}`` of an ``nn.Sequential`` MLP
+    against ``proj_in``, ``layers.0``, ``proj_out`` go in the order the model runs them.
+
+    Exact names come first and are final elsewhere; but where a checkpoint's layers are named by index only and
+    some of that sequence's siblings were renamed, the shared name (``layers.0``) says nothing about the role: when
+    the sequence's pairings cross the model's run order, and pairing it in order fits every tensor, it is paired
+    in order, the exact name included, with the reason.
+    """
+    flow = model.flow
+    if flow is None or not flow.ran:
+        return entries
+    groups: dict[str, dict[int, list[int]]] = {}
+    for n, e in enumerate(entries):
+        if len(e.source) != 1:
+            continue
+        unit = to_model.get(e.source[0], e.source[0]).rpartition(".")[0]
+        container, _, index = unit.rpartition(".")
+        if index.isdigit() and container:
+            groups.setdefault(container, {}).setdefault(int(index), []).append(n)
+    out = list(entries)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        ns = [n for i in sorted(members) for n in members[i]]
+        if {entries[n].evidence.method in ("exact", "prefix") for n in ns} != {True, False}:
+            continue  # all renamed or all by name: nothing singles out a shared positional name
+        units = {entries[n].target.rpartition(".")[0] for n in ns}
+        try:
+            ranked = sorted(units, key=lambda u: min(flow.position(entries[n].target) for n in ns
+                                                      if entries[n].target.startswith(u + ".")))
+        except KeyError:
+            continue
+        if len(ranked) != len(members):
+            continue
+        wanted = dict(zip(sorted(members), ranked, strict=True))
+        current = [entries[members[i][0]].target.rpartition(".")[0] for i in sorted(members)]
+        if current == [wanted[i] for i in sorted(members)]:
+            continue
+        moved = [(n, wanted[i] + "." + entries[n].target.rpartition(".")[2]) for i in sorted(members)
+                 for n in members[i]]
+        if any(t not in model or shape_relation(entries[n].source_shapes[0], model[t].shape) is None
+               for n, t in moved) or len({t for _, t in moved}) != len(moved):
+            continue
+        note = ("positional names (a sequence's index) are positions, not roles: paired in the order the model runs "
+                "its layers; a shared name here means another layer")
+        for n, target in moved:
+            e = entries[n]
+            shape = model[target].shape
+            rel = shape_relation(e.source_shapes[0], shape)
+            op = e.op if rel == e.evidence.shape else Op(kind="rename" if rel == "same" else rel)
+            out[n] = replace(e, target=target, target_shape=shape, op=op, confidence=min(e.confidence, 0.8),
+                             evidence=replace(e.evidence, method="order", name_score=0.5, shape=rel, note=note))
     return out
 
 

@@ -25,13 +25,11 @@ from reference import check_entries, describe, prove
 # How each pair fails today. Precision failures are the serious ones: a wrong entry applied, or exit 0 with other
 # outputs; end-to-end failures include every pair keydiff does not solve yet.
 FAILS_PRECISION = {
-    "sam_to_transformers": "class 4: the MLP heads' layers.{0,1,2} are proj_in, layers.0, proj_out; layers.0 is "
-                           "taken by its exact name (20 wrong entries)",
-    "sam_image_encoder_only": "class 8: the dropped mask decoder's layers.1.norm2 fills the kept "
-                              "vision_encoder.neck.layer_norm2",
 }
 FAILS_END_TO_END = {
     **FAILS_PRECISION,
+    "sam_to_transformers": "class 1: the tied Fourier matrix shared_image_embedding.positional_embedding is absent "
+                           "from the file (the prompt encoder's copy fills it)",
     "ldm_vae_to_diffusers": "class 5: the decoder's up.{i} is up_blocks.{n-1-i}; equal-width levels cannot show it "
                             "by shapes, and position pairing that maps them in no order stays unproven (exit 1)",
     "encodec_to_transformers": "class 2: legacy weight_g/weight_v vs parametrizations.weight.original0/1 "
