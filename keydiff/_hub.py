@@ -9,6 +9,7 @@ a folder with a ``config.json`` is a model: a timm one when the config names an 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -21,9 +22,10 @@ from keydiff._errors import CheckpointError, ModelError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["config_args", "folder_factory", "hub_cache", "local_path", "model_folder"]
+__all__ = ["LIBRARIES", "config_args", "folder_factory", "hub_cache", "library_factory", "local_path", "model_folder"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th", ".json")
 # config.json fields that describe the file, not the model: never passed to a config class
 _FILE_FIELDS = frozenset({"architectures", "model_type", "transformers_version", "_name_or_path", "dtype",
                           "torch_dtype"})
@@ -65,7 +67,7 @@ def local_path(spec: str) -> str:
     spec = spec.removeprefix("hf-hub:")
     if os.path.exists(spec):
         return str(_snapshot(Path(spec)) or spec)
-    if not _REPO_ID.match(spec) or spec.lower().endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".json")):
+    if not _REPO_ID.match(spec) or spec.lower().endswith(_FILE_SUFFIXES):
         return spec
     cache = hub_cache()
     snapshot = _snapshot(cache / f"models--{spec.replace('/', '--')}")
@@ -102,6 +104,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
 def folder_factory(folder: Path) -> Callable[..., nn.Module]:
     """What builds the model a config folder describes, with keyword arguments overriding the config."""
     cfg = _read_config(folder)
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("_class_name"), str):  # diffusers' layout: class + arguments
+        return _diffusers_factory(folder, cfg)
     if "architecture" in cfg:  # timm's layout: the model name, its arguments, its pretrained config
         import timm
 
@@ -122,10 +126,87 @@ def folder_factory(folder: Path) -> Callable[..., nn.Module]:
     return build
 
 
+LIBRARIES = ("transformers", "diffusers")
+"""Libraries whose model classes a ``library:Class`` spec names, built from their configuration."""
+
+
+def library_factory(library: str, name: str) -> Callable[..., nn.Module]:
+    """What builds ``library:Class`` from its configuration arguments: a transformers class from its config class
+    (``cls(cls.config_class(**kw))``), a diffusers class from its registered ``__init__`` arguments.
+
+    Every argument must be one the configuration knows: transformers keeps unknown ones as plain attributes and
+    diffusers would drop them with a warning, so a misspelt size would build a model of another size silently.
+
+    Raises:
+        ModelError: the library is not installed, it has no model class of that name, or (when building) an
+            argument is not one of its configuration's (close names are suggested).
+
+    Example:
+        >>> build = library_factory("diffusers", "AutoencoderKL")
+        >>> try:
+        ...     build(latent_chanels=4)
+        ... except ModelError as exc:
+        ...     print(exc)
+        diffusers:AutoencoderKL has no configuration argument 'latent_chanels'; did you mean latent_channels?
+    """
+    spec = f"{library}:{name}"
+    try:
+        module = importlib.import_module(library)
+    except ImportError as exc:
+        raise ModelError(f"{spec}: {library} is not installed (pip install {library})") from exc
+    cls = getattr(module, name, None) if name.isidentifier() else None
+    base = getattr(module, "PreTrainedModel" if library == "transformers" else "ModelMixin")
+    if not (isinstance(cls, type) and issubclass(cls, base) and cls is not base):
+        raise ModelError(f"{library} has no model class {name!r}{_suggest_among(name, _class_names(module))}")
+
+    def build(**kw: Any) -> nn.Module:
+        if library == "transformers":
+            config = cls.config_class(**kw)
+            # a transformers config keeps an argument it does not know as an attribute of its own
+            default = cls.config_class()
+            known = [k for k in vars(default) if not k.startswith("_")]
+            _refuse_unknown(spec, [k for k in kw if k in vars(config) and not hasattr(default, k)], known)
+            return cls(config)
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            known = [p for p in params if p != "self"]
+            _refuse_unknown(spec, [k for k in kw if k not in params], known)
+        return cls(**kw)
+
+    return build
+
+
+def _class_names(module: Any) -> list[str]:
+    return [n for n in dir(module) if n[:1].isupper()]
+
+
+def _refuse_unknown(spec: str, unknown: list[str], known: list[str]) -> None:
+    if unknown:
+        raise ModelError(f"{spec} has no configuration argument {unknown[0]!r}{_suggest_among(unknown[0], known)}")
+
+
+def _suggest_among(name: str, choices: list[str]) -> str:
+    from rapidfuzz import process
+
+    close = [c for c, score, _ in process.extract(name, sorted(choices), limit=3) if score >= 80]
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _diffusers_factory(folder: Path, cfg: Mapping[str, Any]) -> Callable[..., nn.Module]:
+    """A diffusers model from its ``config.json``: ``_class_name`` names the class, the other fields (those not
+    starting with ``_``) are its arguments, keyword arguments on top."""
+    build = library_factory("diffusers", cfg["_class_name"])
+    fields = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return lambda **kw: build(**{**fields, **kw})
+
+
 def config_args(model: str, checkpoint: str) -> dict[str, Any]:
-    """For ``transformers:ModelClass`` and a checkpoint in a folder with a ``config.json``: that config's fields,
-    as the model's keyword arguments (the user's ``-m`` arguments go on top). Otherwise nothing."""
-    if not model.startswith("transformers:"):
+    """For ``transformers:ModelClass`` or ``diffusers:ModelClass`` and a checkpoint in a folder with a
+    ``config.json``: that config's fields, as the model's keyword arguments (the user's ``-m`` arguments go on
+    top). Otherwise nothing."""
+    if not model.startswith(("transformers:", "diffusers:")):
         return {}
     try:
         path = Path(local_path(checkpoint))
@@ -135,4 +216,8 @@ def config_args(model: str, checkpoint: str) -> dict[str, Any]:
     if not (folder / "config.json").is_file():
         return {}
     cfg = _read_config(folder)
-    return {k: v for k, v in cfg.items() if k not in _FILE_FIELDS} if isinstance(cfg, Mapping) else {}
+    if not isinstance(cfg, Mapping):
+        return {}
+    if model.startswith("diffusers:"):
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return {k: v for k, v in cfg.items() if k not in _FILE_FIELDS}

@@ -39,6 +39,7 @@ LAYERS = [
     "keydiff._fold",
     # reading inputs
     "keydiff._hub",
+    "keydiff._parallel",
     "keydiff._sources",
     "keydiff._background",
     "keydiff._cache",
