@@ -4,8 +4,9 @@ Tensor-parallel code cuts each large matrix across N ranks and saves rank r's sl
 outputs are split cuts dim 0 of its ``[out, in]`` weight, one whose inputs are split cuts dim 1, an embedding cuts
 its rows or its columns; norms and other small tensors are replicated, the same in every shard. The names do not say
 which dim was cut; the sizes do. A cut dim holds full/N, every other dim a full size of the model, and the full sizes
-are known from replicated vectors (a norm's length is the model's width), from ``params.json`` beside the shards,
-and, as tensors are decided, from each decided tensor's cut dim times N (the hidden width of the MLP, the vocabulary).
+are known from replicated vectors (a norm's length is the model's width; a length only one vector has counts last),
+from ``params.json`` beside the shards, and, as tensors are decided, from each decided tensor's cut dim times N (the
+hidden width of the MLP, the vocabulary).
 
 ``plan_merge`` decides every tensor from that evidence alone, never from its name: a dim is the cut when every
 other dim is a known full size and its own size times N is one too; when no option has both, an option whose other
@@ -15,6 +16,7 @@ readings are known sizes) is an error, never a guess.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from keydiff._errors import CheckpointError
@@ -72,10 +74,11 @@ def plan_merge(
     known = set(sizes)
     plan: dict[str, int | None] = {}
     undecided: dict[str, tuple[int, ...]] = {}
+    lengths: Counter[int] = Counter()
     for key, shape in shapes[0].items():
         if identical(key):
             plan[key] = None
-            known.update(shape[:1] if len(shape) == 1 else ())  # a replicated vector's length is a full size
+            lengths.update(shape[:1] if len(shape) == 1 else ())  # a replicated vector's length is a full size
         elif len(shape) == 0:
             raise CheckpointError(where, f"scalar {key!r} differs between the shards, so they are not one model's "
                                          "model-parallel parts", _REMEDY)
@@ -84,14 +87,20 @@ def plan_merge(
             known.add(shape[0] * n)
         else:
             undecided[key] = shape
-    while undecided:
-        # strong decisions first, on the sizes known at the start of the round; weak ones only when none is left
-        decided = _decide(undecided, n, set(known), strong=True) or _decide(undecided, n, set(known), strong=False)
-        if not decided:
-            break
-        for key, dim in decided.items():
-            plan[key] = dim
-            known.add(undecided.pop(key)[dim] * n)
+    # the width is the length of many replicated vectors (every norm); a length seen once (a table of rotary
+    # frequencies) is weaker evidence, used only if the rest leaves something undecided
+    known.update(length for length, count in lengths.items() if count > 1)
+    for extra in (set(), set(lengths)):
+        known |= extra
+        while undecided:
+            # strong decisions first, on the sizes known at the start of the round; weak ones only when none is left
+            decided = (_decide(undecided, n, set(known), strong=True)
+                       or _decide(undecided, n, set(known), strong=False))
+            if not decided:
+                break
+            for key, dim in decided.items():
+                plan[key] = dim
+                known.add(undecided.pop(key)[dim] * n)
     if undecided:
         key, shape = next(iter(undecided.items()))
         strong, weak = split_options(shape, n, known)
