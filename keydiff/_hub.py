@@ -22,7 +22,8 @@ from keydiff._errors import CheckpointError, ModelError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["LIBRARIES", "config_args", "folder_factory", "hub_cache", "library_factory", "local_path", "model_folder"]
+__all__ = ["LIBRARIES", "config_args", "folder_factory", "hub_cache", "library_factory", "library_of", "local_path",
+           "model_folder"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th", ".json")
@@ -200,6 +201,26 @@ def _diffusers_factory(folder: Path, cfg: Mapping[str, Any]) -> Callable[..., nn
     build = library_factory("diffusers", cfg["_class_name"])
     fields = {k: v for k, v in cfg.items() if not k.startswith("_")}
     return lambda **kw: build(**{**fields, **kw})
+
+
+def library_of(spec: str) -> str:
+    """The library whose model a spec names: ``transformers`` or ``diffusers`` (``library:Class``, or a folder whose
+    ``config.json`` is theirs), ``timm`` (a timm config folder), else ``""``.
+
+    Example:
+        >>> library_of("transformers:BertModel"), library_of("resnet50")
+        ('transformers', '')
+    """
+    library = spec.partition(":")[0]
+    if library in LIBRARIES:
+        return library
+    folder = model_folder(spec)
+    if folder is None:
+        return ""
+    cfg = _read_config(folder)
+    if not isinstance(cfg, Mapping) or "architecture" in cfg:
+        return "timm"
+    return "diffusers" if "_class_name" in cfg else "transformers"
 
 
 def config_args(model: str, checkpoint: str) -> dict[str, Any]:
