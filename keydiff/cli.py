@@ -397,7 +397,9 @@ def _emit_key_mapping(d: Diff, path: Path, model: str, args: dict[str, Any], inp
                       "--emit-python code that applies the ops[/red]", soft_wrap=True)
         return False
     fmt = "json" if path.suffix.lower() == ".json" else "py"
-    _write_text(path, emit_transformers(km, d.mapping, fmt=fmt, version=__version__), inputs, "key_mapping")
+    text = emit_transformers(km, d.mapping, fmt=fmt, version=__version__,
+                             model_class=type(target).__name__ if target is not None else "")
+    _write_text(path, text, inputs, "key_mapping")
     console.print(f"key_mapping written to {path} ({len(km.rules)} renames): "
                   f"from_pretrained(folder, key_mapping=...)")
     return True

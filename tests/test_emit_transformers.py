@@ -8,6 +8,7 @@ import json
 import re
 import runpy
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from keydiff._render._transformers import _single_group, key_mapping
 from keydiff.cli import main
 
 from pairs import randomise
+
+RUFF = shutil.which("ruff")
 
 BERT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=16)
@@ -80,6 +83,12 @@ def test_emitted_key_mapping_loads_the_renamed_checkpoint(saved, tmp_path, capsy
     out = tmp_path / f"key_mapping{suffix}"
     assert main(["transformers:BertModel", str(folder / "model.safetensors"), "--emit", "transformers", str(out)]) == 0
     assert f"key_mapping written to {out}" in capsys.readouterr().out
+    if suffix == ".py":
+        assert "model = BertModel.from_pretrained(folder, key_mapping=KEY_MAPPING)" in out.read_text()
+        if RUFF:
+            lint = subprocess.run([RUFF, "check", "--isolated", "--no-cache", "--select", "E,F,W,I,B,UP,RUF,SIM",
+                                   "--line-length", "120", str(out)], capture_output=True, text=True)
+            assert lint.returncode == 0, lint.stdout
     mapping = runpy.run_path(str(out))["KEY_MAPPING"] if suffix == ".py" else json.loads(out.read_text())
     assert all(p.startswith("^") for p in mapping)
     if prefix and not rename:
