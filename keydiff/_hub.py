@@ -22,8 +22,8 @@ from keydiff._errors import CheckpointError, ModelError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["LIBRARIES", "config_args", "folder_factory", "hub_cache", "library_factory", "library_of", "local_path",
-           "model_folder"]
+__all__ = ["LIBRARIES", "check_config_args", "config_args", "folder_factory", "hub_cache", "library_factory",
+           "library_of", "local_path", "model_folder"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th", ".json")
@@ -131,25 +131,7 @@ LIBRARIES = ("transformers", "diffusers")
 """Libraries whose model classes a ``library:Class`` spec names, built from their configuration."""
 
 
-def library_factory(library: str, name: str) -> Callable[..., nn.Module]:
-    """What builds ``library:Class`` from its configuration arguments: a transformers class from its config class
-    (``cls(cls.config_class(**kw))``), a diffusers class from its registered ``__init__`` arguments.
-
-    Every argument must be one the configuration knows: transformers keeps unknown ones as plain attributes and
-    diffusers would drop them with a warning, so a misspelt size would build a model of another size silently.
-
-    Raises:
-        ModelError: the library is not installed, it has no model class of that name, or (when building) an
-            argument is not one of its configuration's (close names are suggested).
-
-    Example:
-        >>> build = library_factory("diffusers", "AutoencoderKL")
-        >>> try:
-        ...     build(latent_chanels=4)
-        ... except ModelError as exc:
-        ...     print(exc)
-        diffusers:AutoencoderKL has no configuration argument 'latent_chanels'; did you mean latent_channels?
-    """
+def _library_class(library: str, name: str) -> type:
     spec = f"{library}:{name}"
     try:
         module = importlib.import_module(library)
@@ -159,24 +141,63 @@ def library_factory(library: str, name: str) -> Callable[..., nn.Module]:
     base = getattr(module, "PreTrainedModel" if library == "transformers" else "ModelMixin")
     if not (isinstance(cls, type) and issubclass(cls, base) and cls is not base):
         raise ModelError(f"{library} has no model class {name!r}{_suggest_among(name, _class_names(module))}")
+    return cls
 
-    def build(**kw: Any) -> nn.Module:
-        if library == "transformers":
-            config = cls.config_class(**kw)
-            # a transformers config keeps an argument it does not know as an attribute of its own
-            default = cls.config_class()
-            known = [k for k in vars(default) if not k.startswith("_")]
-            _refuse_unknown(spec, [k for k in kw if k in vars(config) and not hasattr(default, k)], known)
-            return cls(config)
-        import inspect
 
-        params = inspect.signature(cls.__init__).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            known = [p for p in params if p != "self"]
-            _refuse_unknown(spec, [k for k in kw if k not in params], known)
-        return cls(**kw)
+def library_factory(library: str, name: str) -> Callable[..., nn.Module]:
+    """What builds ``library:Class`` from its configuration arguments: a transformers class from its config class
+    (``cls(cls.config_class(**kw))``), a diffusers class from its registered ``__init__`` arguments.
 
-    return build
+    Raises:
+        ModelError: the library is not installed, or it has no model class of that name (close names are
+            suggested).
+    """
+    cls = _library_class(library, name)
+    if library == "transformers":
+        return lambda **kw: cls(cls.config_class(**kw))
+    return lambda **kw: cls(**kw)
+
+
+def check_config_args(spec: str, args: Mapping[str, Any]) -> None:
+    """Refuse an argument the user typed for a transformers or diffusers model that its configuration does not
+    know: transformers keeps it as a stray attribute and diffusers drops it with a warning, so a misspelt size
+    would build a model of the default size silently. A config file's own fields are not checked here: the
+    libraries tolerate old ones, and so does keydiff.
+
+    Raises:
+        ModelError: an unknown argument (close names are suggested).
+
+    Example:
+        >>> try:
+        ...     check_config_args("diffusers:AutoencoderKL", {"latent_chanels": 4})
+        ... except ModelError as exc:
+        ...     print(exc)
+        diffusers:AutoencoderKL has no configuration argument 'latent_chanels'; did you mean latent_channels?
+    """
+    library, _, name = spec.partition(":")
+    if not args or library not in LIBRARIES:
+        return
+    cls = _library_class(library, name)
+    if library == "transformers":
+        default = cls.config_class()
+        config = cls.config_class(**args)
+        known = [k for k in vars(default) if not k.startswith("_")]
+        # a transformers config keeps an argument it does not know as an attribute of its own
+        _refuse_unknown(spec, [k for k in args if k in vars(config) and not hasattr(default, k)], known)
+        return
+    params = _init_params(cls)
+    if params is not None:
+        _refuse_unknown(spec, [k for k in args if k not in params], sorted(params))
+
+
+def _init_params(cls: type) -> set[str] | None:
+    """A diffusers class's configuration arguments, or None when its ``__init__`` takes any (``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params) - {"self"}
 
 
 def _class_names(module: Any) -> list[str]:
@@ -199,8 +220,16 @@ def _diffusers_factory(folder: Path, cfg: Mapping[str, Any]) -> Callable[..., nn
     """A diffusers model from its ``config.json``: ``_class_name`` names the class, the other fields (those not
     starting with ``_``) are its arguments, keyword arguments on top."""
     build = library_factory("diffusers", cfg["_class_name"])
-    fields = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    fields = _diffusers_fields(cfg)
     return lambda **kw: build(**{**fields, **kw})
+
+
+def _diffusers_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers ``config.json``'s arguments for its class: as ``from_config`` takes them, the private
+    (``_``-prefixed) fields and the ones the class no longer takes left out."""
+    fields = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    params = _init_params(_library_class("diffusers", cfg["_class_name"]))
+    return fields if params is None else {k: v for k, v in fields.items() if k in params}
 
 
 def library_of(spec: str) -> str:
@@ -240,5 +269,5 @@ def config_args(model: str, checkpoint: str) -> dict[str, Any]:
     if not isinstance(cfg, Mapping):
         return {}
     if model.startswith("diffusers:"):
-        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+        return _diffusers_fields({**cfg, "_class_name": model.partition(":")[2]})
     return {k: v for k, v in cfg.items() if k not in _FILE_FIELDS}

@@ -269,14 +269,17 @@ def diff_command(
     With --source, prove it: exit 0 only when the converted model reproduces the source's outputs.
     """
     from keydiff._diff import diff
-    from keydiff._hub import config_args, model_folder
+    from keydiff._hub import check_config_args, config_args, model_folder
     from keydiff._model import parse_model_args
     from keydiff._render._rich import render_diff
     from keydiff._sources import is_checkpoint_path
 
     _warn_unsafe(unsafe_pickle)
     # transformers:ModelClass beside a checkpoint folder with config.json: that config, -m on top
-    args = {**config_args(model, str(checkpoint)), **parse_model_args(model_arg or [])}
+    typed = parse_model_args(model_arg or [])
+    check_config_args(model, typed)
+    check_config_args(source or "", parse_model_args(source_arg or []))
+    args = {**config_args(model, str(checkpoint)), **typed}
     shard = _size(max_shard_size)
     inputs = [str(checkpoint)] + ([model] if Path(model).exists() else [])
     _report_format(report)
@@ -465,7 +468,7 @@ def verify_command(
 ) -> int:
     """Prove a conversion: run the source model and the converted target on the same random input."""
     from keydiff._diff import diff
-    from keydiff._hub import config_args
+    from keydiff._hub import check_config_args, config_args
     from keydiff._mapping import load_mapping
     from keydiff._model import parse_model_args
     from keydiff._verify import build_source, verify
@@ -473,6 +476,8 @@ def verify_command(
     _warn_unsafe(unsafe_pickle)
     shape = _input_shape(input_shape)
     target_args = parse_model_args(model_arg or [])
+    check_config_args(target, target_args)
+    check_config_args(source, parse_model_args(source_arg or []))
     d = diff(target, checkpoint, key=key, unsafe_pickle=unsafe_pickle, **target_args)
     km = load_mapping(mapping) if mapping else d.mapping
     console = _console(quiet)

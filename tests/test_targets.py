@@ -49,6 +49,8 @@ def test_diffusers_folder_and_class_take_the_saved_config(tmp_path, capsys):
     ("transformers:BertModle", [], "transformers has no model class 'BertModle'; did you mean BertModel"),
     ("transformers:BertModel", ["-m", "hiden_size=16"],
      "transformers:BertModel has no configuration argument 'hiden_size'; did you mean hidden_size?"),
+    ("resnet18", ["--source", "transformers:BertModel", "-s", "num_hiden_layers=1"],
+     "transformers:BertModel has no configuration argument 'num_hiden_layers'; did you mean num_hidden_layers?"),
 ])
 def test_unknown_class_or_argument_is_one_line_exit_2(tmp_path, capsys, spec, args, message):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
@@ -67,3 +69,23 @@ def test_transformers_config_arguments_consumed_by_the_config_are_accepted(tmp_p
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
     cli = [a for k, v in args.items() for a in ("-m", f"{k}={v!r}")]
     assert main(["transformers:LlamaModel", str(tmp_path / "m.safetensors"), *cli, "-q"]) == 0
+
+
+def test_a_config_files_old_fields_are_tolerated_as_the_libraries_do(tmp_path):
+    """Only the arguments typed with -m are checked: a saved config.json may carry fields its class no longer takes
+    (transformers keeps them as attributes, diffusers' from_config drops them)."""
+    import json
+
+    from transformers import BertConfig, BertModel
+
+    _vae().save_pretrained(tmp_path / "vae")
+    BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=24)).save_pretrained(tmp_path / "bert")
+    for folder in ("vae", "bert"):
+        cfg = json.loads((tmp_path / folder / "config.json").read_text())
+        (tmp_path / folder / "config.json").write_text(json.dumps({**cfg, "a_field_of_an_older_release": 1}))
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    assert main([str(tmp_path / "vae"), str(weights), "-q"]) == 0
+    assert main(["diffusers:AutoencoderKL", str(weights), "-q"]) == 0
+    assert main(["transformers:BertModel", str(tmp_path / "bert"), "-q"]) == 0
+    assert main([str(tmp_path / "bert"), str(tmp_path / "bert" / "model.safetensors"), "-q"]) == 0
