@@ -9,6 +9,7 @@ a folder with a ``config.json`` is a model: a timm one when the config names an 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -21,9 +22,11 @@ from keydiff._errors import CheckpointError, ModelError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["config_args", "folder_factory", "hub_cache", "local_path", "model_folder"]
+__all__ = ["LIBRARIES", "check_config_args", "config_args", "folder_factory", "hub_cache", "library_factory",
+           "library_of", "local_path", "model_folder"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th", ".json")
 # config.json fields that describe the file, not the model: never passed to a config class
 _FILE_FIELDS = frozenset({"architectures", "model_type", "transformers_version", "_name_or_path", "dtype",
                           "torch_dtype"})
@@ -65,7 +68,7 @@ def local_path(spec: str) -> str:
     spec = spec.removeprefix("hf-hub:")
     if os.path.exists(spec):
         return str(_snapshot(Path(spec)) or spec)
-    if not _REPO_ID.match(spec) or spec.lower().endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".json")):
+    if not _REPO_ID.match(spec) or spec.lower().endswith(_FILE_SUFFIXES):
         return spec
     cache = hub_cache()
     snapshot = _snapshot(cache / f"models--{spec.replace('/', '--')}")
@@ -102,6 +105,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
 def folder_factory(folder: Path) -> Callable[..., nn.Module]:
     """What builds the model a config folder describes, with keyword arguments overriding the config."""
     cfg = _read_config(folder)
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("_class_name"), str):  # diffusers' layout: class + arguments
+        return _diffusers_factory(folder, cfg)
     if "architecture" in cfg:  # timm's layout: the model name, its arguments, its pretrained config
         import timm
 
@@ -122,10 +127,136 @@ def folder_factory(folder: Path) -> Callable[..., nn.Module]:
     return build
 
 
+LIBRARIES = ("transformers", "diffusers")
+"""Libraries whose model classes a ``library:Class`` spec names, built from their configuration."""
+
+
+def _library_class(library: str, name: str) -> type:
+    spec = f"{library}:{name}"
+    try:
+        module = importlib.import_module(library)
+    except ImportError as exc:
+        raise ModelError(f"{spec}: {library} is not installed (pip install {library})") from exc
+    cls = getattr(module, name, None) if name.isidentifier() else None
+    base = getattr(module, "PreTrainedModel" if library == "transformers" else "ModelMixin")
+    if not (isinstance(cls, type) and issubclass(cls, base) and cls is not base):
+        raise ModelError(f"{library} has no model class {name!r}{_suggest_among(name, _class_names(module))}")
+    return cls
+
+
+def library_factory(library: str, name: str) -> Callable[..., nn.Module]:
+    """What builds ``library:Class`` from its configuration arguments: a transformers class from its config class
+    (``cls(cls.config_class(**kw))``), a diffusers class from its registered ``__init__`` arguments.
+
+    Raises:
+        ModelError: the library is not installed, or it has no model class of that name (close names are
+            suggested).
+    """
+    cls = _library_class(library, name)
+    if library == "transformers":
+        return lambda **kw: cls(cls.config_class(**kw))
+    return lambda **kw: cls(**kw)
+
+
+def check_config_args(spec: str, args: Mapping[str, Any]) -> None:
+    """Refuse an argument the user typed for a transformers or diffusers model that its configuration does not
+    know: transformers keeps it as a stray attribute and diffusers drops it with a warning, so a misspelt size
+    would build a model of the default size silently. A config file's own fields are not checked here: the
+    libraries tolerate old ones, and so does keydiff.
+
+    Raises:
+        ModelError: an unknown argument (close names are suggested).
+
+    Example:
+        >>> try:
+        ...     check_config_args("diffusers:AutoencoderKL", {"latent_chanels": 4})
+        ... except ModelError as exc:
+        ...     print(exc)
+        diffusers:AutoencoderKL has no configuration argument 'latent_chanels'; did you mean latent_channels?
+    """
+    library, _, name = spec.partition(":")
+    if not args or library not in LIBRARIES:
+        return
+    cls = _library_class(library, name)
+    if library == "transformers":
+        default = cls.config_class()
+        config = cls.config_class(**args)
+        known = [k for k in vars(default) if not k.startswith("_")]
+        # a transformers config keeps an argument it does not know as an attribute of its own
+        _refuse_unknown(spec, [k for k in args if k in vars(config) and not hasattr(default, k)], known)
+        return
+    params = _init_params(cls)
+    if params is not None:
+        _refuse_unknown(spec, [k for k in args if k not in params], sorted(params))
+
+
+def _init_params(cls: type) -> set[str] | None:
+    """A diffusers class's configuration arguments, or None when its ``__init__`` takes any (``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params) - {"self"}
+
+
+def _class_names(module: Any) -> list[str]:
+    return [n for n in dir(module) if n[:1].isupper()]
+
+
+def _refuse_unknown(spec: str, unknown: list[str], known: list[str]) -> None:
+    if unknown:
+        raise ModelError(f"{spec} has no configuration argument {unknown[0]!r}{_suggest_among(unknown[0], known)}")
+
+
+def _suggest_among(name: str, choices: list[str]) -> str:
+    from rapidfuzz import process
+
+    close = [c for c, score, _ in process.extract(name, sorted(choices), limit=3) if score >= 80]
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _diffusers_factory(folder: Path, cfg: Mapping[str, Any]) -> Callable[..., nn.Module]:
+    """A diffusers model from its ``config.json``: ``_class_name`` names the class, the other fields (those not
+    starting with ``_``) are its arguments, keyword arguments on top."""
+    build = library_factory("diffusers", cfg["_class_name"])
+    fields = _diffusers_fields(cfg)
+    return lambda **kw: build(**{**fields, **kw})
+
+
+def _diffusers_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers ``config.json``'s arguments for its class: as ``from_config`` takes them, the private
+    (``_``-prefixed) fields and the ones the class no longer takes left out."""
+    fields = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    params = _init_params(_library_class("diffusers", cfg["_class_name"]))
+    return fields if params is None else {k: v for k, v in fields.items() if k in params}
+
+
+def library_of(spec: str) -> str:
+    """The library whose model a spec names: ``transformers`` or ``diffusers`` (``library:Class``, or a folder whose
+    ``config.json`` is theirs), ``timm`` (a timm config folder), else ``""``.
+
+    Example:
+        >>> library_of("transformers:BertModel"), library_of("resnet50")
+        ('transformers', '')
+    """
+    library = spec.partition(":")[0]
+    if library in LIBRARIES:
+        return library
+    folder = model_folder(spec)
+    if folder is None:
+        return ""
+    cfg = _read_config(folder)
+    if not isinstance(cfg, Mapping) or "architecture" in cfg:
+        return "timm"
+    return "diffusers" if "_class_name" in cfg else "transformers"
+
+
 def config_args(model: str, checkpoint: str) -> dict[str, Any]:
-    """For ``transformers:ModelClass`` and a checkpoint in a folder with a ``config.json``: that config's fields,
-    as the model's keyword arguments (the user's ``-m`` arguments go on top). Otherwise nothing."""
-    if not model.startswith("transformers:"):
+    """For ``transformers:ModelClass`` or ``diffusers:ModelClass`` and a checkpoint in a folder with a
+    ``config.json``: that config's fields, as the model's keyword arguments (the user's ``-m`` arguments go on
+    top). Otherwise nothing."""
+    if not model.startswith(("transformers:", "diffusers:")):
         return {}
     try:
         path = Path(local_path(checkpoint))
@@ -135,4 +266,8 @@ def config_args(model: str, checkpoint: str) -> dict[str, Any]:
     if not (folder / "config.json").is_file():
         return {}
     cfg = _read_config(folder)
-    return {k: v for k, v in cfg.items() if k not in _FILE_FIELDS} if isinstance(cfg, Mapping) else {}
+    if not isinstance(cfg, Mapping):
+        return {}
+    if model.startswith("diffusers:"):
+        return _diffusers_fields({**cfg, "_class_name": model.partition(":")[2]})
+    return {k: v for k, v in cfg.items() if k not in _FILE_FIELDS}

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from keydiff._errors import ModelError, UsageError
+from keydiff._errors import InputError, ModelError, UsageError
 from keydiff._keys import Dataflow, KeySet, TensorInfo
 
 if TYPE_CHECKING:
@@ -71,6 +71,8 @@ def _build(factory: Any, kwargs: dict[str, Any], spec: str) -> nn.Module:
     try:
         with torch.device("meta"):
             return factory(**kwargs)
+    except InputError:
+        raise  # a refused argument says so itself
     except (TypeError, ValueError) as exc:
         raise ModelError(f"cannot build {spec} with arguments {kwargs}: {exc}") from exc
     except Exception:  # some init code does not run on the meta device: try the CPU
@@ -85,25 +87,21 @@ def model_factory(spec: str) -> Callable[..., nn.Module]:
     """What builds the model a spec names, called with the model's keyword arguments.
 
     Args:
-        spec: a timm model name, ``package.module:callable``, or ``transformers:ModelClass`` (keyword arguments
-            then go to the class's config).
+        spec: a timm model name, ``package.module:callable``, ``transformers:ModelClass`` (keyword arguments
+            then go to the class's config), ``diffusers:ModelClass`` (keyword arguments are its config), or a
+            folder with a ``config.json`` (timm, transformers or diffusers).
 
     Raises:
         ModelError: unknown timm name (close names are suggested), or the module or class cannot be imported.
     """
-    from keydiff._hub import folder_factory, model_folder
+    from keydiff._hub import LIBRARIES, folder_factory, library_factory, model_folder
 
     folder = model_folder(spec)
     if folder is not None:  # a folder with config.json, a Hugging Face cache folder or repo id, hf-hub:org/name
         return folder_factory(folder)
-    if spec.startswith("transformers:"):
-        try:
-            import transformers
-
-            cls = getattr(transformers, spec.partition(":")[2])
-        except (ImportError, AttributeError) as exc:
-            raise ModelError(f"cannot import {spec}: {exc}") from exc
-        return lambda **kw: cls(cls.config_class(**kw))
+    library, _, name = spec.partition(":")
+    if library in LIBRARIES:
+        return library_factory(library, name)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
@@ -201,12 +199,16 @@ def _accepted_args(spec: str) -> dict[str, Any]:
     import inspect
 
     factory = model_factory(spec)
-    if spec.startswith("transformers:"):
+    if spec.startswith("diffusers:"):
+        import diffusers
+
+        factory = getattr(diffusers, spec.partition(":")[2])
+    elif spec.startswith("transformers:"):
         import transformers
 
         config = getattr(transformers, spec.partition(":")[2]).config_class()
         return {k: v for k, v in vars(config).items() if not k.startswith("_")}
-    if ":" not in spec:
+    elif ":" not in spec:
         import torch
 
         with torch.device("meta"):

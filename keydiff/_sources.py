@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from keydiff._errors import CheckpointError, CheckpointNotFound, KeydiffError, UnsafePickle, UsageError
 from keydiff._hub import local_path
 from keydiff._keys import KeySet, TensorInfo, natural_key
+from keydiff._parallel import plan_merge
 from keydiff._plain import plain_data, plain_globals
 
 if TYPE_CHECKING:
@@ -44,8 +45,12 @@ __all__ = [
     "read_safetensors_header",
 ]
 
-CHECKPOINT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".index.json")
-_TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".th", ".index.json")
+_TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".th")
+# Meta's model-parallel checkpoints: one file per rank, consolidated.00.pth .. consolidated.NN.pth, beside params.json
+_CONSOLIDATED = re.compile(r"^consolidated\.(\d+)\.pth$")
+# params.json fields that give a full size of the model (its width, the MLP's hidden width, the vocabulary)
+_PARAMS_SIZES = ("dim", "hidden_dim", "vocab_size")
 
 SAFETENSORS_DTYPES: Mapping[str, tuple[str, int]] = MappingProxyType({
     "F64": ("float64", 64), "F32": ("float32", 32), "F16": ("float16", 16), "BF16": ("bfloat16", 16),
@@ -293,6 +298,21 @@ class _ObjectStore:
             yield key, self.tensors[key]
 
 
+@dataclass(frozen=True, slots=True)
+class _MergedStore:
+    """Tensors of model-parallel shards, merged on demand: one copy of a replicated tensor, else the shards'
+    slices concatenated along the split dim."""
+
+    parts: Mapping[str, tuple[tuple[torch.Tensor, ...], int | None]]
+
+    def iter(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        import torch
+
+        for key in keys:
+            slices, dim = self.parts[key]
+            yield key, slices[0] if dim is None else torch.cat(slices, dim)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Checkpoint:
     """A checkpoint's tensor keys, where they were found, and lazy access to the tensors.
@@ -306,7 +326,8 @@ class Checkpoint:
     path: str
     """The path as given."""
     fmt: str
-    """``safetensors``, ``safetensors-sharded``, ``torch-zip``, ``torch-legacy``, ``torch-sharded`` or ``pickle``."""
+    """``safetensors``, ``safetensors-sharded``, ``torch-zip``, ``torch-legacy``, ``torch-sharded``, ``pickle``, or
+    ``torch-consolidated (N model-parallel shards merged)``."""
     keys: KeySet
     """Key -> shape and dtype of the chosen tensor dict, raw names, in file order."""
     container: str
@@ -319,7 +340,7 @@ class Checkpoint:
     """Entries inside the chosen dict that are not tensors: reported, not part of ``keys``."""
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     """safetensors ``__metadata__`` (of the first shard); empty for torch files."""
-    _store: _SafetensorsStore | _ObjectStore = field(repr=False, compare=False)
+    _store: _SafetensorsStore | _ObjectStore | _MergedStore = field(repr=False, compare=False)
 
     def tensor(self, key: str) -> torch.Tensor:
         """Load one tensor.
@@ -380,6 +401,9 @@ def read_checkpoint(
     shown = local_path(os.fspath(path))  # a Hugging Face repo id or cache folder: its snapshot, offline
     if not os.path.exists(shown):
         raise CheckpointNotFound(shown)
+    ranks = _consolidated_shards(shown)
+    if len(ranks) > 1:
+        return _read_consolidated(shown, ranks, key, unsafe_pickle=unsafe_pickle)
     if os.path.isdir(shown):
         files = _files_in_directory(shown)
     elif shown.lower().endswith(".index.json"):
@@ -511,6 +535,83 @@ def _duplicate(shown: str, name: str, first: str, second: str) -> CheckpointErro
         shown, f"key {name!r} is in two shards ({os.path.basename(first)} and {os.path.basename(second)})",
         "Give one of the files, or remove the stray shard from the directory.",
     )
+
+
+# ------------------------------------------------------------------------------------------ model-parallel shards
+
+
+def _consolidated_shards(path: str) -> list[str]:
+    """The model-parallel shards a path stands for: a folder's ``consolidated.NN.pth`` files, or a
+    ``consolidated.NN.pth`` file's siblings with it, in rank order; empty when the path is neither.
+
+    Raises:
+        CheckpointError: a rank between the first and the last is missing.
+    """
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    if not os.path.isdir(path) and not _CONSOLIDATED.match(os.path.basename(path)):
+        return []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []  # the ordinary readers report an unreadable folder
+    ranks = {int(m.group(1)): name for name in names if (m := _CONSOLIDATED.match(name))}
+    gaps = [r for r in range(max(ranks, default=-1) + 1) if r not in ranks]
+    if gaps:
+        shown = ", ".join(f"consolidated.{r:02d}.pth" for r in gaps)
+        raise CheckpointError(path, f"model-parallel shard {shown} is missing (found {len(ranks)} of "
+                                    f"{max(ranks) + 1})", "Download every consolidated.NN.pth shard into one folder.")
+    return [os.path.join(folder, ranks[r]) for r in sorted(ranks)]
+
+
+def _read_consolidated(shown: str, shards: list[str], key: str | None, *, unsafe_pickle: bool) -> Checkpoint:
+    """Merge N model-parallel shards into the one model they are slices of (``keydiff._parallel`` decides how)."""
+    found = [_choose(shard, _load_pickled(shard, unsafe_pickle=unsafe_pickle)[0], key) for shard in shards]
+    tensors = [part.tensors for part in found]
+    shapes = [{k: tuple(t.shape) for k, t in part.items()} for part in tensors]
+    plan = plan_merge([os.path.basename(s) for s in shards], shapes, where=shown,
+                      identical=lambda k: _same_everywhere([part[k] for part in tensors]),
+                      sizes=_params_sizes(os.path.dirname(shards[0])))
+    items = []
+    for name, dim in plan.items():
+        shape = list(shapes[0][name])
+        if dim is not None:
+            shape[dim] *= len(shards)
+        items.append((name, TensorInfo(tuple(shape), str(tensors[0][name].dtype).removeprefix("torch."))))
+    first = found[0]
+    return Checkpoint(
+        path=shown,
+        fmt=f"torch-consolidated ({len(shards)} model-parallel shards merged)",
+        keys=KeySet.from_items(items, origin=shown, order_is_evidence=True),
+        container=first.container,
+        alternatives=first.alternatives,
+        other_entries=first.other_entries,
+        non_tensor_keys=first.non_tensor_keys,
+        _store=_MergedStore({k: (tuple(part[k] for part in tensors), dim) for k, dim in plan.items()}),
+    )
+
+
+def _same_everywhere(slices: list[torch.Tensor]) -> bool:
+    """True when every shard holds the same values (a replicated tensor). A few leading values are compared
+    first, so a split tensor costs one page of each memory-mapped file, not its data."""
+    import torch
+
+    heads = [t.reshape(-1)[:64] for t in slices]
+    if not all(torch.equal(heads[0], h) for h in heads[1:]):
+        return False
+    return all(torch.equal(slices[0], t) for t in slices[1:])
+
+
+def _params_sizes(folder: str) -> list[int]:
+    """Full sizes ``params.json`` beside the shards states (its width, hidden width, vocabulary); optional
+    evidence, so an unreadable file gives none."""
+    try:
+        with open(os.path.join(folder, "params.json"), encoding="utf-8") as f:
+            params = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(params, dict):
+        return []
+    return [v for k in _PARAMS_SIZES if isinstance(v := params.get(k), int) and not isinstance(v, bool) and v > 0]
 
 
 # ---------------------------------------------------------------------------------------------------------- torch

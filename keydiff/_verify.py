@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from keydiff._errors import ModelError
+from keydiff._errors import InputError, ModelError
 from keydiff._model import model_factory
 
 if TYPE_CHECKING:
@@ -99,6 +99,8 @@ def build_source(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
     factory = model_factory(spec)
     try:
         model = factory(**kwargs)
+    except InputError:
+        raise  # a refused argument says so itself
     except Exception as exc:  # the user's model code may raise anything
         raise ModelError(f"cannot build {spec}: {type(exc).__name__}: {exc}") from exc
     if not hasattr(model, "eval"):

@@ -248,6 +248,11 @@ def diff_command(
     emit_python: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--emit-python", help="Write the mapping as a self-contained checkpoint_filter_fn(state_dict, model=None) "
                               "that needs only torch.")] = None,
+    emit: Annotated[Optional[tuple[str, Path]], typer.Option(  # noqa: UP045
+        "--emit", metavar="FORMAT PATH",
+        help="Write the mapping for another tool: `--emit transformers key_mapping.py` (or .json) writes a "
+             "key_mapping for from_pretrained(folder, key_mapping=...) when the mapping only renames (exit 1 and "
+             "the entries that prevent it otherwise); `--emit python filter.py` is --emit-python.")] = None,
     source: Annotated[Optional[str], typer.Option(  # noqa: UP045
         "--source", help="The model CHECKPOINT belongs to (timm name, package.module:callable, "
                          "transformers:ModelClass): run it and the converted MODEL on one input, repair the mapping "
@@ -264,18 +269,25 @@ def diff_command(
     With --source, prove it: exit 0 only when the converted model reproduces the source's outputs.
     """
     from keydiff._diff import diff
-    from keydiff._hub import config_args, model_folder
+    from keydiff._hub import check_config_args, config_args, model_folder
     from keydiff._model import parse_model_args
     from keydiff._render._rich import render_diff
     from keydiff._sources import is_checkpoint_path
 
     _warn_unsafe(unsafe_pickle)
     # transformers:ModelClass beside a checkpoint folder with config.json: that config, -m on top
-    args = {**config_args(model, str(checkpoint)), **parse_model_args(model_arg or [])}
+    typed = parse_model_args(model_arg or [])
+    check_config_args(model, typed)
+    check_config_args(source or "", parse_model_args(source_arg or []))
+    args = {**config_args(model, str(checkpoint)), **typed}
     shard = _size(max_shard_size)
     inputs = [str(checkpoint)] + ([model] if Path(model).exists() else [])
     _report_format(report)
-    for path, what in ((json_path, "mapping"), (report, "report"), (emit_python, "generated code")):
+    if emit is not None and emit[0] == "python" and emit_python is None:
+        emit, emit_python = None, emit[1]
+    key_mapping_path = _key_mapping_path(emit, model)
+    for path, what in ((json_path, "mapping"), (report, "report"), (emit_python, "generated code"),
+                       (key_mapping_path, "key_mapping")):
         if path is not None:
             _check_output(path, inputs, what)
     if output is not None:
@@ -328,6 +340,9 @@ def diff_command(
         else:
             _write_text(emit_python, d.to_python(), inputs, "generated code")
             console.print(f"checkpoint_filter_fn written to {emit_python}")
+    blocked = False
+    if key_mapping_path is not None:
+        blocked = not _emit_key_mapping(d, key_mapping_path, model, args, inputs, partial, console)
     if json_path is not None:
         _write_text(json_path, d.mapping.dump, inputs, "mapping")
         console.print(f"mapping written to {json_path}")
@@ -338,8 +353,59 @@ def diff_command(
             files = _convert(d.mapping, d.source, d.checkpoint, output, inputs, shard, quiet)
             console.print(f"converted checkpoint written to {', '.join(files)} ({len(d.mapping.entries)} tensors)")
     if proof is not None:
-        return 0 if proof.proven else 1
-    return 0 if d.ok else 1
+        return 0 if proof.proven and not blocked else 1
+    return 0 if d.ok and not blocked else 1
+
+
+def _key_mapping_path(emit: tuple[str, Path] | None, model: str) -> Path | None:
+    """The ``--emit transformers PATH`` output, checked before any work: the format, the suffix, the model."""
+    if emit is None:
+        return None
+    fmt, path = emit
+    if fmt != "transformers":
+        raise UsageError(f"--emit {fmt}: the formats are transformers (a key_mapping for from_pretrained) and python "
+                         "(a checkpoint_filter_fn)")
+    if path.suffix.lower() not in (".py", ".json"):
+        raise UsageError(f"--emit transformers {path}: the suffix picks the format: .py (KEY_MAPPING = {{...}}) or "
+                         ".json (key_mapping=json.load(f))")
+    from keydiff._hub import library_of
+
+    if library_of(model) != "transformers":
+        raise UsageError(f"--emit transformers writes a key_mapping for a transformers model's from_pretrained; "
+                         f"MODEL {model!r} is not one (use transformers:ModelClass or a transformers config folder)")
+    return path
+
+
+def _emit_key_mapping(d: Diff, path: Path, model: str, args: dict[str, Any], inputs: list[str], partial: bool,
+                      console) -> bool:
+    """Write the key_mapping, checked key by key through transformers' own loading code on the model built on the
+    meta device; False (nothing written, the reason printed) when the mapping needs more than renames."""
+    from keydiff import __version__
+    from keydiff._model import model_factory
+    from keydiff._render._transformers import emit_transformers, key_mapping
+
+    if not d.ok and not partial:
+        console.print(f"[red]no key_mapping written to {path}: {d.problem} (--partial writes the rest)[/red]")
+        return True  # the diff's own exit code says it
+    try:
+        import torch
+
+        with torch.device("meta"):
+            target = model_factory(model)(**args)
+    except Exception:  # the documented renaming semantics stand in for transformers' own code
+        target = None
+    km = key_mapping(d.mapping, model=target)
+    if not km.ok:
+        console.print(f"[red]no key_mapping written to {path}: {km.reason}. -o writes a converted checkpoint, "
+                      "--emit-python code that applies the ops[/red]", soft_wrap=True)
+        return False
+    fmt = "json" if path.suffix.lower() == ".json" else "py"
+    text = emit_transformers(km, d.mapping, fmt=fmt, version=__version__,
+                             model_class=type(target).__name__ if target is not None else "")
+    _write_text(path, text, inputs, "key_mapping")
+    console.print(f"key_mapping written to {path} ({len(km.rules)} renames): "
+                  f"from_pretrained(folder, key_mapping=...)")
+    return True
 
 
 def _prove(d: Diff, source: str, source_args: dict[str, Any], model: str, model_args: dict[str, Any],
@@ -402,7 +468,7 @@ def verify_command(
 ) -> int:
     """Prove a conversion: run the source model and the converted target on the same random input."""
     from keydiff._diff import diff
-    from keydiff._hub import config_args
+    from keydiff._hub import check_config_args, config_args
     from keydiff._mapping import load_mapping
     from keydiff._model import parse_model_args
     from keydiff._verify import build_source, verify
@@ -410,6 +476,8 @@ def verify_command(
     _warn_unsafe(unsafe_pickle)
     shape = _input_shape(input_shape)
     target_args = parse_model_args(model_arg or [])
+    check_config_args(target, target_args)
+    check_config_args(source, parse_model_args(source_arg or []))
     d = diff(target, checkpoint, key=key, unsafe_pickle=unsafe_pickle, **target_args)
     km = load_mapping(mapping) if mapping else d.mapping
     console = _console(quiet)

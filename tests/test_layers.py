@@ -39,6 +39,7 @@ LAYERS = [
     "keydiff._fold",
     # reading inputs
     "keydiff._hub",
+    "keydiff._parallel",
     "keydiff._sources",
     "keydiff._background",
     "keydiff._cache",
@@ -62,6 +63,7 @@ LAYERS = [
     "keydiff._render._markdown",
     "keydiff._render._group",
     "keydiff._render._python",
+    "keydiff._render._transformers",
     "keydiff._render._rich",
     "keydiff._render._frame",
     "keydiff._render._values",
