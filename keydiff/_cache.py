@@ -148,12 +148,13 @@ def _layout_to_json(keys: KeySet) -> dict[str, Any] | None:
     if layout is None:
         return None
     at = {k: i for i, k in enumerate(keys)}
-    return {"reason": layout.reason, "weights": [[at[k], use] for k, use in layout.weights],
+    return {"ran": layout.ran, "reason": layout.reason, "weights": [[at[k], use] for k, use in layout.weights],
             "rotary": [[at[k], lay, dims] for k, lay, dims in layout.rotary]}
 
 
 def _layout_from_json(doc: dict[str, Any] | None, keys: list[str]) -> Layout | None:
     if doc is None:
         return None
-    return Layout(reason=str(doc["reason"]), weights=tuple((keys[int(i)], str(use)) for i, use in doc["weights"]),
+    return Layout(ran=bool(doc["ran"]), reason=str(doc["reason"]),
+                  weights=tuple((keys[int(i)], str(use)) for i, use in doc["weights"]),
                   rotary=tuple((keys[int(i)], str(lay), int(dims)) for i, lay, dims in doc["rotary"]))

@@ -138,6 +138,8 @@ class Layout:
     rotary: tuple[tuple[str, str, int], ...] = ()
     """Query and key projection weights (and biases) a rotary embedding rotates: ``(key, layout, dims)``, the layout
     ``half`` or ``interleaved`` (``""``: rotary, layout not known) over ``dims`` rows per head."""
+    ran: bool = False
+    """Whether the forward pass ran: then ``rotary`` holds every rotation the model applies."""
     reason: str = ""
     """In words: where the facts come from (the forward pass traced, the config), or why some are missing."""
     _weights: dict[str, str] = field(init=False, repr=False, compare=False)

@@ -106,16 +106,17 @@ def read_layout(model: nn.Module, *, budget: float | None = None) -> Layout:
                     and not isinstance(_owner(model, k), nn.Embedding)]
     roles = {k: r for k in keys if (r := rotary_role(k))}
     if not open_weights and not roles:
-        return Layout(weights=_ordered(weights, keys), reason="module types")
+        return Layout(weights=_ordered(weights, keys), ran=True, reason="module types (nothing else to read)")
     seen, rotary, reason = _trace(model, state, keys, roles, budget)
     for k, use in seen.items():
         weights.setdefault(k, use)
     if not rotary and roles and reason != "ran" and _config_rotary(model):
         dims = _config_head_dim(model)
         rotary = {k: ("", dims) for k in roles}  # rotary by its configuration, pairing not seen
+    said = "module types and a forward pass on the meta device" if reason == "ran" else (
+        f"module types; the forward pass {reason}")
     return Layout(weights=_ordered(weights, keys), rotary=tuple((k, *rotary[k]) for k in keys if k in rotary),
-                  reason="module types and a forward pass on the meta device" if reason == "ran" else
-                  f"module types; the forward pass {reason}")
+                  ran=reason == "ran", reason=said)
 
 
 def _ordered(weights: Mapping[str, str], keys: list[str]) -> tuple[tuple[str, str], ...]:
@@ -423,8 +424,6 @@ def weight_family(entries: list[Entry], model: KeySet, checkpoint: KeySet, to_mo
 def _square(e: Entry, stored: str, use: str, where: str) -> Entry:
     """A square weight stored as ``stored`` in a model that uses it as ``use`` (``""``: not decided)."""
     if not stored:
-        if e.evidence.method in ("exact", "prefix") and e.op.kind == "rename":
-            return e  # same name, no evidence against: the conflict is elsewhere
         note = (f"ambiguous: the non-square weights of {where} are stored both [out, in] and [in, out], so the "
                 "layout of this square one is not known (--source decides by running both models)")
         return replace(e, confidence=min(e.confidence, UNPROVEN_CONFIDENCE), evidence=replace(e.evidence, note=note))
@@ -450,21 +449,21 @@ def rotary_pairing(entries: list[Entry], model: KeySet, checkpoint: KeySet,
     known, or the rows cannot be reordered (fused into one tensor, no head count), the entry is unproven.
     """
     layout = model.layout
+    ckpt_pairing, ckpt_vocab = checkpoint_rotary(checkpoint)
     if layout is not None and layout.rotary:
         def of(key: str) -> tuple[str, int] | None:
             return layout.rotary_of(key)
         model_words = "the model (its forward pass) rotates"
-    elif layout is None:
-        pairing, vocab = checkpoint_rotary(model)
-        if not pairing:
+    else:
+        # a model that did not run, or a checkpoint as the model: its names may say, and a rotary checkpoint's
+        # queries and keys must not go into a model of unknown pairing unnoticed
+        pairing, vocab = checkpoint_rotary(model) if layout is None else ("", "")
+        if not pairing and (not ckpt_pairing or (layout is not None and layout.ran)):
             return entries
-        model_words = f"the model's names ({vocab}) store"
+        model_words = f"the model's names ({vocab}) store" if pairing else "the model"
 
         def of(key: str) -> tuple[str, int] | None:
             return (pairing, 0) if rotary_role(key) in ("q", "k") else None
-    else:
-        return entries
-    ckpt_pairing, ckpt_vocab = checkpoint_rotary(checkpoint)
     out = []
     for e in entries:
         found = of(e.target)
@@ -485,7 +484,9 @@ def rotary_pairing(entries: list[Entry], model: KeySet, checkpoint: KeySet,
                                evidence=replace(e.evidence, shape="rotary", note=note)))
             continue
         if not want:
-            why = "the model is rotary but its forward pass did not show which dims it pairs"
+            why = (f"the checkpoint's names ({ckpt_vocab}) store {ckpt_pairing} pairs of rotary query/key dims, and "
+                   "nothing says how the model pairs them" if ckpt_pairing else
+                   "the model is rotary but its forward pass did not show which dims it pairs")
         elif not ckpt_pairing:
             why = (f"{model_words} {want} pairs of query/key dims, and nothing says how the checkpoint stores "
                    "them (interleaved pairs need each head's rows reordered)")
