@@ -245,3 +245,47 @@ def test_a_family_with_disagreeing_non_square_weights_leaves_its_square_ones_amb
     assert not d.ok
     (m,) = d.mapping.missing
     assert m.key == "blk.0.sq.weight" and "ambiguous" in m.reason
+
+
+# --- verification tries the layouts' alternatives -----------------------------------------------------------------
+
+SOURCE_ARGS = [a.replace("-m", "-s") for a in HF_ARGS]
+
+
+def test_source_decides_the_rotary_pairing_and_the_report_lists_the_change(tmp_path, capsys):
+    """transformers' Llama into Meta's layout: unproven by names (see above); running both models on token ids
+    tries the rotary alternatives at the attention's output and keeps the one that reproduces it."""
+    src = randomise(hf_llama())
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    out = tmp_path / "out.safetensors"
+    code = main(["meta_llama:meta_llama", str(path), "--source", "transformers:LlamaForCausalLM", *SOURCE_ARGS,
+                 "-o", str(out)])
+    report = capsys.readouterr().out
+    assert code == 0, report
+    assert "rotary rows to interleaved" in report and "verified" in report
+    sd, conv = src.state_dict(), load_file(str(out))
+    for i in (0, 1):
+        a, m = f"model.layers.{i}.self_attn", f"layers.{i}.attention"
+        # the reference's inverse: half -> interleaved puts the rows back where interleaved_to_half took them
+        assert torch.equal(interleaved_to_half(conv[f"{m}.wq.weight"], 4), sd[f"{a}.q_proj.weight"])
+        assert torch.equal(interleaved_to_half(conv[f"{m}.wk.weight"], 2), sd[f"{a}.k_proj.weight"])
+        assert torch.equal(conv[f"{m}.wv.weight"], sd[f"{a}.v_proj.weight"])
+    dst = meta_llama()
+    dst.load_state_dict(conv, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(TOKENS), src(input_ids=TOKENS).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_source_proves_metas_layout_converted_by_names_and_keeps_the_rotary_op(tmp_path, capsys):
+    _, path = _meta_checkpoint(tmp_path)
+    code = main(["transformers:LlamaForCausalLM", str(path), *HF_ARGS, "--source", "meta_llama:meta_llama"])
+    report = capsys.readouterr().out
+    assert code == 0, report
+    assert "proven" in report and "rotary rows to half" in report
+
+
+def test_verify_runs_language_models_on_token_ids(tmp_path, capsys):
+    _, path = _meta_checkpoint(tmp_path)
+    assert main(["verify", "meta_llama:meta_llama", str(path), "transformers:LlamaForCausalLM", *HF_ARGS]) == 0, \
+        capsys.readouterr().out
