@@ -32,7 +32,8 @@ from keydiff._ops import Op
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["UNPROVEN_CONFIDENCE", "checkpoint_rotary", "layout_conventions", "read_layout", "rotary_role"]
+__all__ = ["UNPROVEN_CONFIDENCE", "checkpoint_rotary", "layout_conventions", "parallel_by_order", "read_layout",
+           "rotary_role"]
 
 UNPROVEN_CONFIDENCE = 0.4
 """An entry whose layout nothing decides: below the default ``--min-confidence``, so it is reported, not applied."""
@@ -343,7 +344,47 @@ def layout_conventions(entries: list[Entry], model: KeySet, checkpoint: KeySet,
         to_model: raw checkpoint key -> normalised key.
     """
     entries = weight_family(entries, model, checkpoint, to_model)
-    return rotary_pairing(entries, model, checkpoint, to_model)
+    entries = rotary_pairing(entries, model, checkpoint, to_model)
+    return parallel_by_order(entries, model)
+
+
+def parallel_by_order(entries: list[Entry], model: KeySet) -> list[Entry]:
+    """Entries that fill parallel same-shaped modules by order alone, unproven.
+
+    Modules under one parent with the same shapes, fed by the same modules and feeding none of each other (the
+    query, key and value projections of an attention, 1x1 convolutions or linear layers alike) are parallel: the
+    order they run in is how their code is written, not what they compute. When names do not tell them apart (the
+    entries came from the order step, ``convs.0/1/2`` into ``q/k/v``), their roles are not known.
+    """
+    flow = model.flow
+    if flow is None or not flow.ran:
+        return entries
+    by_order: dict[str, list[Entry]] = {}
+    for e in entries:
+        if e.evidence.method == "order":
+            by_order.setdefault(owner_of(e.target), []).append(e)
+    groups: dict[tuple, list[str]] = {}
+    for module, es in by_order.items():
+        shapes = tuple(sorted((e.target[len(module):], e.target_shape) for e in es))
+        feeders = flow.fed_by(module)
+        if feeders:
+            groups.setdefault((owner_of(module), shapes, frozenset(feeders)), []).append(module)
+    doubt: dict[str, list[str]] = {}
+    for members in groups.values():
+        if len(members) > 1 and not any(m in flow.fed_by(o) for m in members for o in members):
+            doubt.update({m: [o for o in members if o != m] for m in members})
+    if not doubt:
+        return entries
+    out = []
+    for e in entries:
+        others = doubt.get(owner_of(e.target)) if e.evidence.method == "order" else None
+        if others:
+            note = (f"unproven: parallel to {', '.join(others)} (same shapes, fed by the same input), and names do "
+                    "not say which is which: the order modules run in is how their code is written (--source "
+                    "checks it by running both models)")
+            e = replace(e, confidence=min(e.confidence, UNPROVEN_CONFIDENCE), evidence=replace(e.evidence, note=note))
+        out.append(e)
+    return out
 
 
 def _family(key: str) -> str:
