@@ -247,6 +247,90 @@ def test_a_family_with_disagreeing_non_square_weights_leaves_its_square_ones_amb
     assert m.key == "blk.0.sq.weight" and "ambiguous" in m.reason
 
 
+# --- 1x1 convolutions <-> linear layers ---------------------------------------------------------------------------
+
+class LDMAttnBlock(torch.nn.Module):
+    """The attention block of the original latent-diffusion autoencoder (``ldm/modules/diffusionmodules/model.py``):
+    q, k, v and the output as 1x1 convolutions ``[C, C, 1, 1]``; ``order`` registers q/k/v in another order."""
+
+    def __init__(self, channels: int = 16, order: tuple[str, ...] = ("q", "k", "v")) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.norm = torch.nn.GroupNorm(num_groups=4, num_channels=channels, eps=1e-6, affine=True)
+        for name in order:
+            setattr(self, name, conv(channels, channels, kernel_size=1, stride=1, padding=0))
+        self.proj_out = conv(channels, channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h_ = self.norm(x)
+        q, k, v = self.q(h_), self.k(h_), self.v(h_)
+        b, c, h, w = q.shape
+        q = q.reshape(b, c, h * w).permute(0, 2, 1)
+        w_ = torch.bmm(q, k.reshape(b, c, h * w)) * (int(c) ** (-0.5))
+        w_ = torch.nn.functional.softmax(w_, dim=2)
+        h_ = torch.bmm(v.reshape(b, c, h * w), w_.permute(0, 2, 1)).reshape(b, c, h, w)
+        return x + self.proj_out(h_)
+
+
+def diffusers_attention() -> torch.nn.Module:
+    """diffusers' Attention as its autoencoders build it: to_q/to_k/to_v/to_out.0 linear layers ``[C, C]``."""
+    from diffusers.models.attention_processor import Attention
+
+    return Attention(16, heads=1, dim_head=16, rescale_output_factor=1.0, eps=1e-6, norm_num_groups=4,
+                     residual_connection=True, bias=True, upcast_softmax=True, _from_deprecated_attn_block=True).eval()
+
+
+@pytest.mark.parametrize("order", [("q", "k", "v"), ("v", "q", "k")])
+def test_1x1_convs_reshape_into_linear_layers_by_name_whatever_their_order(tmp_path, order):
+    src = randomise(LDMAttnBlock(order=order))
+    path = tmp_path / "ldm.pth"
+    torch.save(src.state_dict(), path)  # file order is the registration order
+    d = keydiff.diff(diffusers_attention(), str(path))
+    assert d.ok
+    by_target = {e.target: e for e in d.mapping.entries}
+    for t, s in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+        assert by_target[f"{t}.weight"].source == (f"{s}.weight",) and by_target[f"{t}.weight"].op.kind == "reshape"
+    dst = diffusers_attention()
+    dst.load_state_dict(d.apply(), strict=True)
+    x = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_layers_reshape_into_1x1_convs(tmp_path):
+    src = randomise(diffusers_attention())
+    path = tmp_path / "diffusers.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    d = keydiff.diff(LDMAttnBlock(), str(path))
+    assert d.ok
+    conv = d.apply()
+    for t, s in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+        assert torch.equal(conv[f"{t}.weight"], src.state_dict()[f"{s}.weight"].reshape(16, 16, 1, 1))
+    dst = LDMAttnBlock().eval()
+    dst.load_state_dict(conv, strict=True)
+    x = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), atol=1e-5, rtol=1e-5)
+
+
+class _Anonymous(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.GroupNorm(4, 16)
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(16, 16, 1) for _ in range(3))
+        self.proj_out = torch.nn.Conv2d(16, 16, 1)
+
+
+def test_parallel_1x1_convs_named_by_position_only_stay_unproven(tmp_path):
+    """``convs.0/1/2`` into q/k/v: same shapes, all fed by the norm; only the order of the code would pair them."""
+    path = tmp_path / "anon.pth"
+    torch.save(randomise(_Anonymous()).state_dict(), path)
+    d = keydiff.diff(LDMAttnBlock(), str(path))
+    assert not d.ok
+    assert {m.key for m in d.mapping.missing} == {f"{p}.{leaf}" for p in "qkv" for leaf in ("weight", "bias")}
+    assert all("parallel to" in m.reason for m in d.mapping.missing)
+
+
 # --- verification tries the layouts' alternatives -----------------------------------------------------------------
 
 SOURCE_ARGS = [a.replace("-m", "-s") for a in HF_ARGS]
