@@ -403,17 +403,16 @@ def _flip(use: str) -> str:
 def weight_family(entries: list[Entry], model: KeySet, checkpoint: KeySet, to_model: Mapping[str, str]) -> list[Entry]:
     """Square 2-D weights stored like their family's non-square ones.
 
-    A family is the block a weight sits in (``h.3.*``); outside blocks, the top level. With the model's layout
-    known (``out_in`` for ``F.linear``, ``in_out`` for ``x @ w``), a non-square weight shows how the checkpoint
-    stores it (as the model does when it is renamed, the other way when it is transposed); the square weights of a
-    family whose non-square weights all agree are stored that way too, so they are transposed when the model uses
-    them the other way, exact-name matches included. A family without non-square weights follows the checkpoint's
-    other families when those all agree. Where they disagree, the square weights are ambiguous: their confidence
-    drops below the default threshold and the note says why.
+    With the model's layout known (``out_in`` for ``F.linear``, ``in_out`` for ``x @ w``), a non-square weight
+    shows how the checkpoint stores it: as the model uses it when it is renamed, the other way when it is
+    transposed. A square weight is stored like the non-square ones of its family, so it is transposed when the
+    model uses it the other way, exact-name matches included. Its family is its parent module (``h.3.attn``); when
+    that has no non-square weight, its block (``h.3``), then the whole checkpoint, each with at least two. Where
+    the family's non-square weights disagree, the square ones are ambiguous: their confidence drops below the
+    default threshold and the note says why.
 
-    Without the model's layout (a checkpoint or a state dict as the model), the same decision is made relatively:
-    among weights with a bias beside them, when every non-square one of the family is transposed, so are the
-    square ones.
+    Without the model's layout (a checkpoint or a state dict as the model), the same decision is made relatively,
+    among weights with a bias beside them: a square one is transposed when the non-square ones of its family are.
     """
     layout = model.layout
     absolute = layout is not None and bool(layout.weights)
@@ -442,24 +441,45 @@ def weight_family(entries: list[Entry], model: KeySet, checkpoint: KeySet, to_mo
             return use if e.op.kind == "rename" else _flip(use)
         return "kept" if e.op.kind == "rename" else "flipped"
 
-    votes: dict[str, set[str]] = {}
+    # votes per family, from the nearest (the weight's parent module) to the widest (the whole checkpoint)
+    votes: list[dict[str, list[str]]] = [{}, {}, {}]
     for e in linear:
         if e.target_shape[0] != e.target_shape[1]:
-            votes.setdefault(_family(name(e)), set()).add(stored(e))
-    if not absolute and not any("flipped" in v for v in votes.values()):
+            for level, family in enumerate(_families(name(e))):
+                votes[level].setdefault(family, []).append(stored(e))
+    if not absolute and not any("flipped" in v for v in votes[2].get("", [])):
         return entries  # relatively, nothing to follow: no weight needed a transpose
-    agreed = {v for found in votes.values() for v in found}
-    everywhere = next(iter(agreed)) if len(agreed) == 1 else ""
     ids = {id(e) for e in linear}  # membership by identity: a list scan per entry is quadratic
     out = []
     for e in entries:
         if id(e) in ids and e.target_shape[0] == e.target_shape[1]:
-            family = votes.get(_family(name(e)))
-            decided = next(iter(family)) if family and len(family) == 1 else everywhere if not family else ""
-            e = _square(e, decided, layout.weight(e.target) if absolute else "kept",
-                        "this block" if family else "this checkpoint")
+            decided, where = _vote(votes, _families(name(e)))
+            if where:
+                e = _square(e, decided, layout.weight(e.target) if absolute else "kept", where)
         out.append(e)
     return out
+
+
+_LEVELS = ("its module", "its block", "this checkpoint")
+
+
+def _families(key: str) -> tuple[str, str, str]:
+    """The families of a weight, nearest first: its parent module, its block (``h.3``), the whole checkpoint."""
+    module = owner_of(owner_of(key))
+    return module, _family(key), ""
+
+
+def _vote(votes: list[dict[str, list[str]]], families: tuple[str, str, str]) -> tuple[str, str]:
+    """How the nearest family with non-square weights stores them (``""``: they disagree), and that family in
+    words; ``("", "")`` when none decides. A wider family than the module decides only with two or more weights
+    (one bare matrix used as ``x @ proj`` is no convention of the rest)."""
+    for level, family in enumerate(families):
+        found = votes[level].get(family, [])
+        if not found or (level and len(found) < 2):
+            continue
+        kinds = set(found)
+        return (found[0] if len(kinds) == 1 else ""), _LEVELS[level]
+    return "", ""
 
 
 def _square(e: Entry, stored: str, use: str, where: str) -> Entry:
