@@ -111,6 +111,10 @@ def read_layout(model: nn.Module, *, budget: float | None = None) -> Layout:
     seen, rotary, reason = _trace(model, state, keys, roles, budget)
     for k, use in seen.items():
         weights.setdefault(k, use)
+    for k, found in list(rotary.items()):  # a projection's bias is rotated with its weight's rows
+        bias = k.removesuffix("weight") + "bias"
+        if k.endswith("weight") and bias in state:
+            rotary.setdefault(bias, found)
     if not rotary and roles and reason != "ran" and _config_rotary(model):
         dims = _config_head_dim(model)
         rotary = {k: ("", dims) for k in roles}  # rotary by its configuration, pairing not seen
