@@ -185,7 +185,7 @@ class _Budget(BaseException):
 
 
 _MATMULS = frozenset({"matmul", "mm", "__matmul__", "__rmatmul__"})
-_TRANSPOSES = frozenset({"t", "transpose", "permute", "__get__"})  # __get__: the ``.T``/``.mT`` properties
+_TRANSPOSES = frozenset({"t", "transpose", "permute", "swapaxes", "swapdims"})
 
 
 class _Watch:
@@ -197,14 +197,18 @@ class _Watch:
         self.params, self.roles, self.deadline = params, roles, deadline
         self.uses: dict[str, str] = {}
         """2-D weight key -> ``out_in`` / ``in_out``, by its first use."""
-        self.flipped: dict[int, str] = {}
-        """A weight's transpose (``w.t()``) -> its key."""
+        self.views: dict[int, tuple[str, bool]] = {}
+        """A 2-D weight seen through an op of it alone (``w.t()``, ``w.T``, ``w.to(x)``) -> its key, and whether
+        the view is transposed."""
         self.tags: dict[int, str] = {}
         """Activation computed from a query/key projection's output -> the projection's weight key."""
         self.seen: dict[str, set[tuple[str, int]]] = {}
         """Projection key -> the pairings its rotation showed, with the dims rotated per head."""
         self.keep: list[Any] = []  # every tagged tensor stays alive, so no id() is reused during the pass
         self._leaves = tree_leaves
+        import torch
+
+        self._flip_properties = {torch.Tensor.T, torch.Tensor.mT}  # read as ``__get__`` of these descriptors
 
     def mode(self) -> Any:
         from torch.overrides import TorchFunctionMode
@@ -230,10 +234,8 @@ class _Watch:
         name = getattr(func, "__name__", "")
         ins = self._tensors((args, kwargs))
         weights = [self.params[id(t)] for t in ins if id(t) in self.params and t.dim() == 2]
-        if name in _TRANSPOSES and len(ins) == 1 and weights:
-            for t in self._tensors(out):
-                self.flipped[id(t)] = weights[0]
-                self.keep.append(t)
+        if len(ins) == 1 and ((ins[0].dim() == 2 and id(ins[0]) in self.params) or id(ins[0]) in self.views):
+            self._view(func, name, ins[0], out)
             return
         self._use(name, args, kwargs)
         tagged = {self.tags[id(t)] for t in ins if id(t) in self.tags}
@@ -250,14 +252,21 @@ class _Watch:
             self.seen.setdefault(key, set()).add(pairing)
         self._tag(out, key)
 
+    def _view(self, func: Any, name: str, x: Any, out: Any) -> None:
+        """Follow a 2-D weight through an op of it alone: a transpose flips it, a same-shaped op keeps it."""
+        key, flipped = self.views.get(id(x)) or (self.params[id(x)], False)
+        flips = name in _TRANSPOSES or getattr(func, "__self__", None) in self._flip_properties
+        for t in self._tensors(out):
+            if t.dim() == 2 and (flips or tuple(t.shape) == tuple(x.shape)):
+                self.views[id(t)] = (key, flipped != flips)
+                self.keep.append(t)
+
     def _use(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Record how a 2-D weight meets the data: ``F.linear``'s weight, or a matrix product's left or right."""
         def key(t: Any) -> tuple[str, bool] | None:
             if id(t) in self.params and getattr(t, "dim", lambda: 0)() == 2:
                 return self.params[id(t)], False
-            if id(t) in self.flipped:
-                return self.flipped[id(t)], True
-            return None
+            return self.views.get(id(t))
 
         pairs: list[tuple[Any, str]] = []
         if name == "linear":
@@ -475,11 +484,11 @@ def _families(key: str) -> tuple[str, str, str]:
 
 def _vote(votes: list[dict[str, list[str]]], families: tuple[str, str, str]) -> tuple[str, str]:
     """How the nearest family with non-square weights stores them (``""``: they disagree), and that family in
-    words; ``("", "")`` when none decides. A wider family than the module decides only with two or more weights
-    (one bare matrix used as ``x @ proj`` is no convention of the rest)."""
+    words; ``("", "")`` when none decides. A wider family than a module (a block, the root, the checkpoint)
+    decides only with two or more weights: one bare matrix used as ``x @ proj`` is no convention of the rest."""
     for level, family in enumerate(families):
         found = votes[level].get(family, [])
-        if not found or (level and len(found) < 2):
+        if not found or ((level or not family) and len(found) < 2):
             continue
         kinds = set(found)
         return (found[0] if len(kinds) == 1 else ""), _LEVELS[level]

@@ -93,6 +93,39 @@ def test_the_layout_is_read_from_the_forward_pass_on_the_meta_device():
     assert linear.weight("transformer.h.0.attn.c_proj.weight") == "out_in" and not linear.rotary
 
 
+class Views(torch.nn.Module):
+    """2-D weights used through views: ``x @ w.T`` and ``x @ w.data.t()`` are [out, in], ``F.linear(x, w.t())``
+    and ``x @ w.to(x)`` [in, out]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 8)
+        self.a_weight = torch.nn.Parameter(torch.zeros(4, 8))
+        self.b_weight = torch.nn.Parameter(torch.zeros(8, 4))
+        self.c_weight = torch.nn.Parameter(torch.zeros(8, 4))
+        self.d_weight = torch.nn.Parameter(torch.zeros(4, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x) @ self.a_weight.T
+        x = x @ self.b_weight.data.t()
+        x = torch.torch.nn.functional.linear(x, self.c_weight.t())
+        return x @ self.d_weight.to(x)
+
+
+def test_a_weight_is_followed_through_views_of_it_and_a_rotated_bias_with_its_weight():
+    with torch.device("meta"):
+        views = Views()
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2))
+    assert dict(read_layout(views).weights) == {"inp.weight": "out_in", "a_weight": "out_in", "b_weight": "out_in",
+                                                "c_weight": "in_out", "d_weight": "in_out"}
+    rotary = {k: (lay, d) for k, lay, d in read_layout(qwen).rotary}
+    assert rotary == {f"model.layers.0.self_attn.{p}_proj.{leaf}": ("half", 8) for p in "qk"
+                      for leaf in ("weight", "bias")}
+
+
 def test_the_layout_is_cached_with_the_keys(tmp_path, monkeypatch):
     from keydiff._cache import load_model_keys, store_model_keys
 
