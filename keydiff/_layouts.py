@@ -111,6 +111,10 @@ def read_layout(model: nn.Module, *, budget: float | None = None) -> Layout:
     seen, rotary, reason = _trace(model, state, keys, roles, budget)
     for k, use in seen.items():
         weights.setdefault(k, use)
+    for k, (pairing, dims) in list(rotary.items()):
+        head = _head_dim(model, k)
+        if pairing and head and head != dims:  # partial rotary: only the first dims of each head are rotated
+            rotary[k] = ("", dims)
     for k, found in list(rotary.items()):  # a projection's bias is rotated with its weight's rows
         bias = k.removesuffix("weight") + "bias"
         if k.endswith("weight") and bias in state:
@@ -133,6 +137,20 @@ def _owner(model: nn.Module, key: str) -> Any:
         return model.get_submodule(owner_of(key))
     except AttributeError:
         return None
+
+
+def _head_dim(model: nn.Module, key: str) -> int:
+    """Dims per head of the attention a projection key belongs to: an attribute of the nearest module that has one
+    (``head_dim``, ``head_size``, ``attention_head_size``), else the configuration's; 0 when none says."""
+    path = owner_of(key)
+    while path:
+        path = owner_of(path)
+        module = _owner(model, f"{path}.x") if path else model
+        for name in ("head_dim", "head_size", "attention_head_size"):
+            value = getattr(module, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return _config_head_dim(model)
 
 
 def _config_rotary(model: nn.Module) -> bool:
@@ -557,7 +575,10 @@ def rotary_pairing(entries: list[Entry], model: KeySet, checkpoint: KeySet,
             out.append(replace(e, op=Op(kind="rotary", heads=rows // dims, to=want),
                                evidence=replace(e.evidence, shape="rotary", note=note)))
             continue
-        if not want:
+        if not want and dims:
+            why = (f"the model rotates {dims} dims of each head, not all of them (partial rotary): how the "
+                   "checkpoint's rows would be reordered is not decided")
+        elif not want:
             why = (f"the checkpoint's names ({ckpt_vocab}) store {ckpt_pairing} pairs of rotary query/key dims, and "
                    "nothing says how the model pairs them" if ckpt_pairing else
                    "the model is rotary but its forward pass did not show which dims it pairs")
