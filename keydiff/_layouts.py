@@ -210,6 +210,7 @@ class _Watch:
     """The op-by-op bookkeeping of ``read_layout``'s forward pass."""
 
     def __init__(self, params: Mapping[int, str], roles: Mapping[str, str], deadline: float) -> None:
+        import torch
         from torch.utils._pytree import tree_leaves
 
         self.params, self.roles, self.deadline = params, roles, deadline
@@ -223,9 +224,7 @@ class _Watch:
         self.seen: dict[str, set[tuple[str, int]]] = {}
         """Projection key -> the pairings its rotation showed, with the dims rotated per head."""
         self.keep: list[Any] = []  # every tagged tensor stays alive, so no id() is reused during the pass
-        self._leaves = tree_leaves
-        import torch
-
+        self._leaves, self._tensor = tree_leaves, torch.Tensor
         self._flip_properties = {torch.Tensor.T, torch.Tensor.mT}  # read as ``__get__`` of these descriptors
 
     def mode(self) -> Any:
@@ -244,11 +243,10 @@ class _Watch:
         return Mode()
 
     def _tensors(self, tree: Any) -> list[Any]:
-        import torch
-
-        return [x for x in self._leaves(tree) if isinstance(x, torch.Tensor)]
+        return [x for x in self._leaves(tree) if isinstance(x, self._tensor)]
 
     def op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Follow weights through their views, record their uses, and tag and watch the projections' outputs."""
         name = getattr(func, "__name__", "")
         ins = self._tensors((args, kwargs))
         weights = [self.params[id(t)] for t in ins if id(t) in self.params and t.dim() == 2]
