@@ -1,7 +1,8 @@
 """A cache of model key sets, so that diagnosing against the same timm model again imports neither torch nor timm.
 
-One JSON file per model: its keys, shapes and dtypes in state-dict order and its dataflow (``keydiff._dataflow``: a
-forward pass traced on the meta device, part of what makes a first build slow), named by a hash of the model name,
+One JSON file per model: its keys, shapes and dtypes in state-dict order, its dataflow (``keydiff._dataflow``: a
+forward pass traced on the meta device, part of what makes a first build slow) and its layout (``keydiff._layouts``),
+named by a hash of the model name,
 its arguments and the versions of timm, torch and keydiff (any upgrade is a new entry). Files live in
 ``$KEYDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/keydiff``, else ``~/.cache/keydiff``; ``KEYDIFF_NO_CACHE=1`` turns the
 cache off. Only timm names are cached: a ``module:callable`` is user code that can change under the same name.
@@ -17,16 +18,17 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from keydiff._keys import Dataflow, KeySet, TensorInfo
+from keydiff._keys import Dataflow, KeySet, Layout, TensorInfo
 
 __all__ = ["cache_dir", "cache_path", "load_model_keys", "store_model_keys"]
 
 _SCHEMA = "keydiff/model-keys"
-_VERSION = 2  # 2: the dataflow
+_VERSION = 3  # 2: the dataflow; 3: the layout
 
 
 def cache_dir() -> Path | None:
@@ -85,9 +87,11 @@ def load_model_keys(spec: str, model_args: Mapping[str, Any]) -> KeySet | None:
             return None
         items = [(str(k), TensorInfo(tuple(int(d) for d in shape), str(dtype))) for k, shape, dtype in doc["keys"]]
         flow = _flow_from_json(doc["flow"], [k for k, _ in items])
+        layout = _layout_from_json(doc["layout"], [k for k, _ in items])
     except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
         return None  # absent, or corrupt: rebuilt and rewritten by the caller
-    return KeySet.from_items(items, origin=spec, order_is_evidence=True, flow=flow)
+    keys = KeySet.from_items(items, origin=spec, order_is_evidence=True, flow=flow)
+    return keys if layout is None else replace(keys, layout=layout)
 
 
 def store_model_keys(spec: str, model_args: Mapping[str, Any], keys: KeySet) -> Path | None:
@@ -96,7 +100,8 @@ def store_model_keys(spec: str, model_args: Mapping[str, Any], keys: KeySet) -> 
     if path is None:
         return None
     doc = {"schema": _SCHEMA, "version": _VERSION, "id": _identity(spec, model_args),
-           "keys": [[k, list(info.shape), info.dtype] for k, info in keys.items()], "flow": _flow_to_json(keys)}
+           "keys": [[k, list(info.shape), info.dtype] for k, info in keys.items()], "flow": _flow_to_json(keys),
+           "layout": _layout_to_json(keys)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -135,3 +140,21 @@ def _flow_from_json(doc: dict[str, Any] | None, keys: list[str]) -> Dataflow | N
     return Dataflow(ran=bool(doc["ran"]), reason=str(doc["reason"]), param_order=param_order, order=order,
                     feeds=tuple((order[int(p)], order[int(c)]) for p, c in doc["feeds"]),
                     unused=tuple(keys[int(i)] for i in doc["unused"]))
+
+
+def _layout_to_json(keys: KeySet) -> dict[str, Any] | None:
+    """The layout with keys as indices into the key list."""
+    layout = keys.layout
+    if layout is None:
+        return None
+    at = {k: i for i, k in enumerate(keys)}
+    return {"ran": layout.ran, "reason": layout.reason, "weights": [[at[k], use] for k, use in layout.weights],
+            "rotary": [[at[k], lay, dims] for k, lay, dims in layout.rotary]}
+
+
+def _layout_from_json(doc: dict[str, Any] | None, keys: list[str]) -> Layout | None:
+    if doc is None:
+        return None
+    return Layout(ran=bool(doc["ran"]), reason=str(doc["reason"]),
+                  weights=tuple((keys[int(i)], str(use)) for i, use in doc["weights"]),
+                  rotary=tuple((keys[int(i)], str(lay), int(dims)) for i, lay, dims in doc["rotary"]))

@@ -16,6 +16,7 @@ __all__ = [
     "FUSIONS",
     "LEAVES",
     "NOISE",
+    "ROTARY_VOCABULARIES",
     "canonical_token",
     "split_leaf",
 ]
@@ -108,6 +109,18 @@ FUSIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("qkv", ("q", "k", "v")),
     ("kv", ("k", "v")),
     ("gate_up", ("gate", "up")),
+)
+
+# Naming conventions known to fix how the checkpoint's rotary query/key rows are laid out: (how the report names
+# the convention, module paths (last one or two tokens) that must all be present, the pairing). Meta's reference
+# code names its blocks ``attention.wq..wo``, ``feed_forward.w1..w3``, ``attention_norm``, ``ffn_norm`` and rotates
+# interleaved pairs (complex multiplication); so do the codebases that kept its names (its Mistral reference, the
+# training and inference rewrites that load its files). transformers' names fix nothing: most of its models with
+# ``q_proj``/``gate_proj``/``input_layernorm`` rotate halves, and some of them interleaved pairs.
+ROTARY_VOCABULARIES: tuple[tuple[str, frozenset[str], str], ...] = (
+    ("Meta's reference names: attention.wq, feed_forward.w1, attention_norm...",
+     frozenset({"attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                "feed_forward.w3", "attention_norm", "ffn_norm"}), "interleaved"),
 )
 
 _NUMBERED = re.compile(r"([a-z][a-z_]*?)_?(\d+)")

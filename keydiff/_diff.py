@@ -28,6 +28,7 @@ from keydiff._fold import (
     recount_labels,
 )
 from keydiff._keys import KeySet, natural_key
+from keydiff._layouts import layout_conventions
 from keydiff._mapping import Entry, Evidence, KeyMap, Leftover, Unwrap, compress_rules
 from keydiff._match import Pairing, match_units, name_similarity, shape_relation
 from keydiff._model import keyset_of, read_model
@@ -436,7 +437,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     entries.extend(found[0])
     notes = found[1]
     entries = _sequential_positions(entries, model, to_model)
-    entries = _transpose_convention(entries, norm_keys, to_model)
+    entries = layout_conventions(entries, model, norm_keys, to_model)  # exact-name matches included
     order_of = {k: i for i, k in enumerate(model)}
     entries.sort(key=lambda e: order_of[e.target])
     applied = tuple(e for e in entries if e.confidence >= min_confidence)
@@ -783,42 +784,6 @@ def _sequential_positions(entries: list[Entry], model: KeySet, to_model: Mapping
             op = e.op if rel == e.evidence.shape else Op(kind="rename" if rel == "same" else rel)
             out[n] = replace(e, target=target, target_shape=shape, op=op, confidence=min(e.confidence, 0.8),
                              evidence=replace(e.evidence, method="order", name_score=0.5, shape=rel, note=note))
-    return out
-
-
-def _transpose_convention(entries: list[Entry], keys: KeySet, to_model: Mapping[str, str]) -> list[Entry]:
-    """Square linear weights cannot show a transpose; their non-square siblings can.
-
-    Among matched 2-D weights of linear-like units (a weight with a bias beside it), if every non-square one needed
-    a transpose (GPT-2's ``Conv1D`` stores ``[in, out]``), the square ones are transposed too; if only some did,
-    the square ones are ambiguous and their confidence says so.
-    """
-    def linear_weight(e: Entry) -> bool:
-        if len(e.source) != 1:
-            return False
-        key = to_model.get(e.source[0], e.source[0])
-        return ( e.evidence.method not in ("exact", "prefix") and len(e.target_shape) == 2
-                and key.endswith(".weight") and key[: -len("weight")] + "bias" in keys)
-
-    if not any(e.op.kind == "transpose" for e in entries):
-        return entries
-    linear = [e for e in entries if linear_weight(e)]
-    linear_ids = {id(e) for e in linear}  # membership by identity: a list scan per entry is quadratic
-    non_square = [e for e in linear if e.target_shape[0] != e.target_shape[1]]
-    transposed = [e for e in non_square if e.op.kind == "transpose"]
-    if not transposed:
-        return entries
-    everyone = len(transposed) == len(non_square) and len(transposed) >= 2
-    out = []
-    for e in entries:
-        if id(e) in linear_ids and e.target_shape[0] == e.target_shape[1] and e.op.kind == "rename":
-            if everyone:
-                note = "transposed like every non-square linear weight of this checkpoint ([in, out] storage)"
-                e = replace(e, op=Op(kind="transpose"), evidence=replace(e.evidence, shape="transpose", note=note))
-            else:
-                note = "ambiguous: some linear weights of this checkpoint are stored transposed, some not"
-                e = replace(e, confidence=min(e.confidence, 0.4), evidence=replace(e.evidence, note=note))
-        out.append(e)
     return out
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-__all__ = ["Dataflow", "KeySet", "TensorInfo", "format_indices", "natural_key", "owner_of"]
+__all__ = ["Dataflow", "KeySet", "Layout", "TensorInfo", "format_indices", "natural_key", "owner_of"]
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -71,6 +71,8 @@ class KeySet(Mapping[str, TensorInfo]):
     """False when the order was made up (safetensors sorts its keys), so it says nothing of the model."""
     flow: Dataflow | None = None
     """The order the model uses these tensors in and which module feeds which (models only; None: not traced)."""
+    layout: Layout | None = None
+    """How the model lays out tensors where its keys do not say (models only; None: not read)."""
     _index: dict[str, TensorInfo] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +119,43 @@ class KeySet(Mapping[str, TensorInfo]):
         return pd.DataFrame(
             [(k, v.shape, v.dtype, v.numel) for k, v in self.items_], columns=["key", "shape", "dtype", "numel"]
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """What a model's keys do not show of how it lays out its tensors, read from the built model
+    (``keydiff._layouts.read_layout``): how it uses its 2-D weights, and how it rotates its queries and keys.
+
+    Example:
+        >>> lay = Layout(weights=(("fc.weight", "out_in"),), rotary=(("attn.q.weight", "half", 8),))
+        >>> lay.weight("fc.weight"), lay.weight("other.weight"), lay.rotary_of("attn.q.weight")
+        ('out_in', '', ('half', 8))
+    """
+
+    weights: tuple[tuple[str, str], ...] = ()
+    """2-D weight key -> ``out_in`` (the weight of ``F.linear``, as ``nn.Linear`` stores it) or ``in_out``
+    (multiplied as ``x @ w``, as GPT-2's ``Conv1D`` stores it); keys whose use is not known are absent."""
+    rotary: tuple[tuple[str, str, int], ...] = ()
+    """Query and key projection weights (and biases) a rotary embedding rotates: ``(key, layout, dims)``, the layout
+    ``half`` or ``interleaved`` (``""``: rotary, layout not known) over ``dims`` rows per head."""
+    ran: bool = False
+    """Whether the forward pass ran: then ``rotary`` holds every rotation the model applies."""
+    reason: str = ""
+    """In words: where the facts come from (the forward pass traced, the config), or why some are missing."""
+    _weights: dict[str, str] = field(init=False, repr=False, compare=False)
+    _rotary: dict[str, tuple[str, int]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_weights", dict(self.weights))
+        object.__setattr__(self, "_rotary", {k: (lay, dims) for k, lay, dims in self.rotary})
+
+    def weight(self, key: str) -> str:
+        """``out_in``, ``in_out``, or ``""`` when the use of this weight is not known."""
+        return self._weights.get(key, "")
+
+    def rotary_of(self, key: str) -> tuple[str, int] | None:
+        """``(layout, dims per head)`` of a rotated query or key tensor; None for any other key."""
+        return self._rotary.get(key)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -270,8 +270,7 @@ class KeyMap:
                     op = Op(kind="split", dim=e.op.dim, index=i, sizes=sizes)
                     entries.append(_flip(e, (e.target,), key, op, (e.target_shape,), shape))
                 continue
-            kind = "transpose" if e.op.kind == "transpose" else "reshape" if e.op.kind == "reshape" else "rename"
-            entries.append(_flip(e, (e.target,), e.source[0], Op(kind=kind), (e.target_shape,), e.source_shapes[0]))
+            entries.append(_flip(e, (e.target,), e.source[0], e.op.inverse(), (e.target_shape,), e.source_shapes[0]))
         for key, parts in splits.items():
             parts.sort(key=lambda e: e.op.index)
             kind = "stack" if parts[0].op.kind == "unstack" else "concat"
@@ -583,6 +582,9 @@ def _check_numel(op: Op, source_shapes: tuple[tuple[int, ...], ...], target: tup
         src = source_shapes[0]
         ok = (0 <= op.dim < len(src) and sum(op.sizes) == src[op.dim]
               and _numel(src) // max(src[op.dim], 1) * op.sizes[op.index] == _numel(target))
+    elif op.kind == "rotary":
+        ok = (len(source_shapes) == 1 and source_shapes[0] == target and len(target) >= 1
+              and target[0] % (2 * op.heads) == 0)
     else:
         ok = len(source_shapes) == 1 and _numel(source_shapes[0]) == _numel(target)
     if not ok:

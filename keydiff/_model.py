@@ -1,6 +1,6 @@
 """The model side: a timm name or a ``package.module:callable``, built on the meta device (nothing allocated,
 nothing downloaded), read as a ``KeySet`` of its state dict (persistent buffers included) that carries the model's
-dataflow (``keydiff._dataflow``: one forward pass on the meta device)."""
+dataflow (``keydiff._dataflow``: one forward pass on the meta device) and its layout (``keydiff._layouts``)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ def keyset_of(state: Mapping[str, Any] | nn.Module, origin: str = "") -> KeySet:
         copy = meta_copy(state)
         flow = trace_dataflow(copy) if copy is not None else Dataflow.from_registration(
             keys, reason="not run: the module cannot be copied to the meta device")
-        return replace(keys, flow=flow)
+        from keydiff._layouts import read_layout
+
+        return replace(keys, flow=flow, layout=read_layout(copy if copy is not None else state))
     return _keys_of(state, origin)
 
 
@@ -141,8 +143,10 @@ def read_model(spec: str, model_args: Mapping[str, Any] | None = None) -> KeySet
     if not hasattr(model, "state_dict"):
         raise ModelError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     from keydiff._dataflow import trace_dataflow
+    from keydiff._layouts import read_layout
 
-    keys = replace(_keys_of(model.state_dict(), spec), flow=trace_dataflow(model))  # the model is ours: it runs
+    # the model is ours: it runs (twice: its dataflow, then how it lays out its weights and rotations)
+    keys = replace(_keys_of(model.state_dict(), spec), flow=trace_dataflow(model), layout=read_layout(model))
     if timm_name:
         from keydiff._cache import store_model_keys
 

@@ -1,10 +1,16 @@
-"""Tensor operations a mapping entry applies: rename, reshape, transpose, concat, split, stack, unstack, zeros.
+"""Tensor operations a mapping entry applies: rename, reshape, transpose, concat, split, stack, unstack, zeros,
+rotary.
 
 ``stack`` builds a tensor packed over experts from per-expert tensors (each element the concatenation of ``sizes``
 parts along ``dim``); ``unstack`` takes part ``index`` (expert ``index // len(sizes)``, part ``index % len(sizes)``)
 back out of one. ``zeros`` has no source: it fills a tensor the checkpoint does not hold with zeros of ``dtype``
 (the bias of a ``Linear`` whose weight came from a bare matrix used as ``x @ proj``, which has none); an entry
 with it always says why in its evidence.
+
+``rotary`` reorders the rows of each of ``heads`` heads (the projection of the queries or keys of a rotary
+attention): code that rotates interleaved pairs (dims 0-1, 2-3, ... of a head, complex multiplication) and code that
+rotates halves (dim i with dim i + d/2, ``rotate_half``) compute the same attention when each head's rows are
+reordered. ``to="half"``: rows ``[0, 2, 4, ..., 1, 3, 5, ...]`` of each head; ``to="interleaved"``: the inverse.
 
 An op is a value: it describes itself, serialises to JSON, and applies to tensors. ``out_shape`` lets the planner
 know the result's shape before any tensor is read.
@@ -21,10 +27,13 @@ from keydiff._errors import MappingFileError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["OP_KINDS", "Op", "OpKind"]
+__all__ = ["OP_KINDS", "ROTARY_LAYOUTS", "Op", "OpKind", "rotary_rows"]
 
-OpKind = Literal["rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros"]
-OP_KINDS: tuple[str, ...] = ("rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros")
+OpKind = Literal["rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros", "rotary"]
+OP_KINDS: tuple[str, ...] = ("rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros",
+                             "rotary")
+ROTARY_LAYOUTS = ("half", "interleaved")
+"""How code pairs the dims a rotary embedding rotates together: ``i`` with ``i + d/2``, or ``2i`` with ``2i + 1``."""
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 """Dtypes a ``zeros`` op may fill with."""
 
@@ -39,7 +48,7 @@ class Op:
     """
 
     kind: OpKind
-    """One of ``rename reshape transpose concat split stack unstack zeros``."""
+    """One of ``rename reshape transpose concat split stack unstack zeros rotary``."""
     dim: int = 0
     """Dimension concatenated or split along (within each expert, for ``stack``/``unstack``)."""
     index: int = 0
@@ -48,6 +57,10 @@ class Op:
     """For ``split``, ``concat``, ``stack``, ``unstack``: size of each part along ``dim``."""
     dtype: str = ""
     """For ``zeros``: the dtype of the tensor it makes (that of the tensors beside it), ``float32`` if empty."""
+    heads: int = 0
+    """For ``rotary``: how many heads the rows hold (each ``rows / heads`` long)."""
+    to: str = ""
+    """For ``rotary``: the layout the rows are put in, ``half`` or ``interleaved`` (see ``ROTARY_LAYOUTS``)."""
 
     def describe(self) -> str:
         """A short human description."""
@@ -62,7 +75,22 @@ class Op:
             return f"unstack expert {self.index // n}" + (f", part {self.index % n}" if n > 1 else "")
         if self.kind == "zeros":
             return "zeros (no source)"
+        if self.kind == "rotary":
+            return f"rotary rows to {self.to} ({self.heads} heads)"
         return self.kind
+
+    def inverse(self) -> Op:
+        """The op that undoes this one on its output, for the ops of one source and one target.
+
+        Example:
+            >>> Op(kind="rotary", heads=4, to="half").inverse().to
+            'interleaved'
+        """
+        if self.kind == "rotary":
+            return Op(kind="rotary", heads=self.heads, to=ROTARY_LAYOUTS[self.to == "half"])
+        if self.kind in ("transpose", "reshape"):
+            return self
+        return Op(kind="rename")
 
     def apply(self, tensors: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
         """Compute the target tensor of the given shape from the source tensors."""
@@ -82,6 +110,8 @@ class Op:
             out = tensors[0].split(list(self.sizes), self.dim)[self.index]
         elif self.kind == "transpose":
             out = tensors[0].t()
+        elif self.kind == "rotary":
+            out = rotary_rows(tensors[0], self.heads, self.to)
         else:
             out = tensors[0]
         return out.reshape(tuple(shape))
@@ -95,6 +125,8 @@ class Op:
             out["index"] = self.index
         if self.kind == "zeros":
             out["dtype"] = self.dtype or "float32"
+        if self.kind == "rotary":
+            out.update(heads=self.heads, to=self.to)
         return out
 
     @classmethod
@@ -113,7 +145,32 @@ class Op:
         dtype = data.get("dtype", "float32") if data["kind"] == "zeros" else ""
         if data["kind"] == "zeros" and dtype not in _DTYPES:
             raise MappingFileError(f"{where}.dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
-        return cls(kind=data["kind"], dim=dim, index=index, sizes=tuple(sizes), dtype=dtype)
+        heads, to = (data.get("heads"), data.get("to")) if data["kind"] == "rotary" else (0, "")
+        if data["kind"] == "rotary" and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1
+                                         or to not in ROTARY_LAYOUTS):
+            raise MappingFileError(f"{where}: a rotary op needs heads (a positive integer) and to (one of "
+                                   f"{', '.join(ROTARY_LAYOUTS)}), got heads={heads!r}, to={to!r}")
+        return cls(kind=data["kind"], dim=dim, index=index, sizes=tuple(sizes), dtype=dtype, heads=heads, to=to)
+
+
+def rotary_rows(tensor: torch.Tensor, heads: int, to: str) -> torch.Tensor:
+    """The rows of each head of ``tensor`` (dim 0: ``heads`` heads of ``d`` rows) reordered into layout ``to``.
+
+    ``half``: a head's rows ``[0, 2, 4, ..., 1, 3, 5, ...]`` (interleaved pairs become halves); ``interleaved``: the
+    inverse. A 1-D tensor (a bias) is reordered the same way.
+
+    Example:
+        >>> import torch
+        >>> rotary_rows(torch.arange(8), 2, "half").tolist()
+        [0, 2, 1, 3, 4, 6, 5, 7]
+    """
+    rows = tensor.shape[0]
+    if heads < 1 or rows % (2 * heads):
+        raise ValueError(f"cannot reorder {rows} rows as {heads} rotary heads of an even size")
+    half = rows // heads // 2
+    # interleaved -> half: view a head's rows as (pairs, 2) and read them pair-member first
+    grid = (heads, half, 2, -1) if to == "half" else (heads, 2, half, -1)
+    return tensor.reshape(grid).transpose(1, 2).reshape(tensor.shape)
 
 
 RENAME = Op(kind="rename")

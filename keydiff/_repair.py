@@ -11,12 +11,15 @@ input and compares their outputs (``keydiff._verify``). When they differ, or whe
   tensors are left empty, or come one by one from several source modules) is where the conversion goes wrong:
   every compared module that ran before it agrees.
 * There the alternatives are tried, each with one forward pass that ends at that module: a square 2-D weight
-  transposed or not (the op a shape cannot show); the sources of a same-shaped module that runs later swapped with
-  this module's (siblings that could trade roles, ``norm1``/``norm2``); a mixed module's tensors all from one of
-  its source modules; unused checkpoint tensors of the right shapes, one source module at a time. An alternative
-  is kept only if the module then agrees with its counterpart. Nothing it changes ran earlier, so what was kept
+  transposed or not (the op a shape cannot show); the rotary query/key rows of its attention as stored or
+  reordered into either pairing; the sources of a same-shaped module that runs later swapped with this module's
+  (siblings that could trade roles, ``norm1``/``norm2``); a mixed module's tensors all from one of its source
+  modules; unused checkpoint tensors of the right shapes, one source module at a time. An alternative is kept only
+  if the module then agrees with its counterpart. Nothing it changes ran earlier and was compared, so what was kept
   before stays right. An empty or mixed module that no alternative fixes is passed over (maybe rightly so: the
   outputs decide); a differing one ends the repair.
+* Rotary query/key projections are not compared: each model's output there is in its own pairing of dims. Their
+  attention's output is, and their pairing is an alternative there.
 * A kind of alternative that worked is tried at once at every later module of the same template (blocks 1 to 23
   after block 0, one trial), and first at each place after that. The repair ends when no compared module differs,
   at a place where no alternative works, or after ``max_trials`` trials. Its changes are kept only if the
@@ -37,13 +40,14 @@ from keydiff._errors import ModelError
 from keydiff._keys import natural_key
 from keydiff._mapping import Entry, Evidence, KeyMap
 from keydiff._match import name_similarity, shape_relation
-from keydiff._ops import Op
+from keydiff._ops import RENAME, ROTARY_LAYOUTS, Op
 from keydiff._patterns import template_of
 from keydiff._verify import (
     DEFAULT_TOLERANCE,
     Activation,
     Verification,
     activation_diff,
+    common_vocab,
     input_shape_for,
     random_input,
     record,
@@ -158,7 +162,7 @@ def prove(d: Diff, source: nn.Module, target: nn.Module, *, input_shape: tuple[i
     if first.ok and d.ok:
         return Proof(diff=d, verification=first, max_trials=max_trials, source=name)
     # one sample is enough to tell modules apart, and costs half the time and memory of the outputs' check
-    x = random_input((1, *shape[1:]), seed)
+    x = random_input((1, *shape[1:]), seed, common_vocab(source, target))
     repair = _Repair(d, working, state, source, target, x, tolerance, max_trials)
     stopped = repair.run()
     done = dict(max_trials=max_trials, source=name, trials=repair.trials, compared=repair.compared)
@@ -235,6 +239,10 @@ class _Repair:
         self.keys_of: dict[str, list[str]] = defaultdict(list)
         for k in d.model:
             self.keys_of[_module(k)].append(k)
+        self.rotary = _rotary_dims(d, working)
+        """Rotary query/key target keys -> dims per head: their modules' outputs are in each model's own pairing,
+        so they are not compared; the attention's output is, and their pairing is an alternative there."""
+        self.rotary_modules = {_module(k) for k in self.rotary}
         self.trials = 0
         self.compared = 0
         self.how: dict[str, tuple[str, str]] = {}
@@ -303,6 +311,8 @@ class _Repair:
         mixed = self._mixed(module)
         if mixed:
             return f"takes its tensors from {len(mixed)} source modules ({', '.join(mixed)})"
+        if module in self.rotary_modules:
+            return ""
         rel = self._rel(module, act, counterpart.get(module))
         if rel is None:
             return ""
@@ -374,6 +384,7 @@ class _Repair:
         found = [*self._unused(module, [k for k in keys if k not in self.working] or keys)]
         if len(mine) == len(keys):
             found += [*self._align(module, mine), *self._flips(module, mine), *self._swaps(module, mine)]
+        found += self._rotaries(module)
         found.sort(key=lambda a: (a.kind not in self.learned, a.rank))
         return islice(found, limit)
 
@@ -416,6 +427,23 @@ class _Repair:
                                                          ("transpose", "transpose")]}
             how = {k: ("transposed" if e.op.kind == "transpose" else "not transposed", "") for k, e in change.items()}
             yield _Alternative(change, how, ("flip", template_of(module)[0]), (0, n))
+
+    def _rotaries(self, module: str) -> Iterator[_Alternative]:
+        """The rotary query/key rows of the attention ``module`` belongs to, as stored or reordered into either
+        pairing: the op neither shapes nor names show (those modules ran before ``module`` but were not compared)."""
+        parent = _module(module)
+        mine = [self.working[k] for k in self.rotary if _module(_module(k)) == parent and k in self.working]
+        if not mine or any(len(e.source) != 1 or e.op.kind not in ("rename", "rotary") for e in mine):
+            return
+        for n, to in enumerate(("", *ROTARY_LAYOUTS)):
+            change, how = {}, {}
+            for e in mine:
+                op = Op(kind="rotary", heads=e.target_shape[0] // self.rotary[e.target], to=to) if to else RENAME
+                if op != e.op:
+                    change[e.target] = replace(e, op=op, evidence=replace(e.evidence, shape="rotary" if to else "same"))
+                    how[e.target] = (f"rotary rows to {to}" if to else "rotary rows as stored", "")
+            if change:
+                yield _Alternative(change, how, ("rotary", template_of(parent)[0], to), (0, n))
 
     def _swaps(self, module: str, mine: list[Entry]) -> Iterator[_Alternative]:
         """This module's sources traded with a same-shaped module's that runs later (or never ran)."""
@@ -509,7 +537,8 @@ class _Repair:
             module = _module(k)
             if before is None and k not in self.how and module not in self.acts:
                 continue  # a proposal in a module that never ran: running says nothing about it
-            other = counterpart.get(module)
+            # a rotary projection's output is in each model's own pairing: the outputs speak for it
+            other = None if module in self.rotary_modules else counterpart.get(module)
             rel = self._rel(module, self.acts.get(module), other)
             how = self.how.get(k, ("confirmed the proposal", ""))
             if before is not None:
@@ -525,6 +554,17 @@ class _Repair:
             entries.append(replace(e, confidence=1.0, evidence=replace(e.evidence, method="verified", note=note)))
             changes.append(Change(target=k, was=was, now=_describe(e), why=_why(how, module, other, rel, str)))
         return entries, tuple(changes)
+
+
+def _rotary_dims(d: Diff, working: Mapping[str, Entry]) -> dict[str, int]:
+    """Target keys whose rows a rotary embedding pairs -> dims per head: from the model's layout, and from the
+    entries that already reorder them."""
+    layout = d.model.layout
+    found = {k: dims for k, _, dims in (layout.rotary if layout is not None else ()) if dims}
+    for k, e in working.items():
+        if e.op.kind == "rotary" and e.target_shape:
+            found.setdefault(k, e.target_shape[0] // e.op.heads)
+    return found
 
 
 def _template(key: str) -> str:

@@ -141,8 +141,23 @@ def _target_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor
     return outs
 
 
+def token_vocab(model: nn.Module) -> int | None:
+    """The vocabulary size of a model that reads token ids (its first module with tensors is an ``nn.Embedding``:
+    a language model), else None."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return module.num_embeddings
+        if next(module.parameters(recurse=False), None) is not None:
+            return None
+    return None
+
+
 def input_shape_for(model: nn.Module) -> tuple[int, ...]:
-    """(2, C, H, W) from a timm model's data config, else (2, 3, 224, 224)."""
+    """(2, 8) token ids for a language model; (2, C, H, W) from a timm model's data config; else (2, 3, 224, 224)."""
+    if token_vocab(model) is not None:
+        return (2, 8)
     try:
         from timm.data import resolve_data_config
 
@@ -202,11 +217,18 @@ def one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
-def random_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """The input both models run on: standard normal, from a seeded generator."""
+def random_input(shape: tuple[int, ...], seed: int = 0, vocab: int | None = None) -> torch.Tensor:
+    """The input both models run on, from a seeded generator: standard normal, or token ids below ``vocab``."""
     import torch
 
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, shape, generator=g) if vocab else torch.randn(shape, generator=g)
+
+
+def common_vocab(*models: nn.Module) -> int | None:
+    """The token ids every one of ``models`` reads (the smallest vocabulary), or None when one reads no tokens."""
+    found = [token_vocab(m) for m in models]
+    return None if None in found else min(found)
 
 
 def verify(source: nn.Module, state_dict: Mapping[str, torch.Tensor], target: nn.Module, mapping: KeyMap, *,
@@ -229,7 +251,7 @@ def verify(source: nn.Module, state_dict: Mapping[str, torch.Tensor], target: nn
     except RuntimeError as exc:
         raise ModelError(f"the converted checkpoint does not load into the target: {one_line(exc)}") from exc
     shape = tuple(input_shape or input_shape_for(target))
-    x = random_input(shape, seed)
+    x = random_input(shape, seed, common_vocab(source, target))
     with torch.no_grad():
         src_out = list(_tensors(_call(source.eval(), x), "output"))
         dst_out = _target_outputs(target.eval(), x)

@@ -93,3 +93,77 @@ META_NAMES = [
     (r"^lm_head\.", "output."),
 ]
 """How Meta's original Llama checkpoints name what transformers calls these (a test fixture, not used by keydiff)."""
+
+
+class _NanoAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention: GPT-2's names, nn.Linear layers ([out, in] weights)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(dim, 3 * dim)
+        self.c_proj = nn.Linear(dim, dim)
+        self.n_head, self.n_embd = heads, dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        q = q.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        v = v.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class _NanoMLP(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(dim, 4 * dim)
+        self.c_proj = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(nn.functional.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class _NanoBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = _NanoAttention(dim, heads)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = _NanoMLP(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's GPT: the names of transformers' GPT2LMHeadModel (``transformer.h.0.attn.c_attn``...), with
+    nn.Linear where GPT-2 has Conv1D, and the LM head tied to the token embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(VOCAB, D), wpe=nn.Embedding(POSITIONS, D),
+            h=nn.ModuleList(_NanoBlock(D, HEADS) for _ in range(LAYERS)), ln_f=nn.LayerNorm(D)))
+        self.lm_head = nn.Linear(D, VOCAB, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
+def nano_gpt() -> nn.Module:
+    return NanoGPT().eval()
+
+
+def hf_gpt2_lm() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=D, n_layer=LAYERS, n_head=HEADS,
+                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()

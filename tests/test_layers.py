@@ -44,6 +44,7 @@ LAYERS = [
     "keydiff._background",
     "keydiff._cache",
     "keydiff._dataflow",
+    "keydiff._layouts",
     "keydiff._model",
     # writing and running
     "keydiff._writer",

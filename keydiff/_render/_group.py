@@ -146,5 +146,7 @@ def _generic(reason: str) -> str:
     if reason.startswith("the model's "):
         return "the model has these names with other shapes"
     if reason.startswith("proposed"):
-        return "proposed with a confidence below --min-confidence"
+        # the why of an unproven or ambiguous proposal (a layout in doubt, how to decide) is said of the cluster
+        why = reason.partition(" (")[2][:-1] if reason.endswith(")") else ""
+        return "proposed with a confidence below --min-confidence" + (f" ({why})" if why else "")
     return reason

@@ -5,7 +5,8 @@ The generated module needs only ``re`` and ``torch``: a user pastes it into thei
 - ``CONTAINER`` and the wrapper prefix to remove, when the checkpoint has them;
 - ``RULES``: anchored regex renames (``compress_rules`` over the prefix-free keys), whose order does not matter;
 - per-key tables for what the rules do not cover: ``RENAMES``, ``RESHAPED`` (with the target shape), ``TRANSPOSED``,
-  ``FUSED`` (q/k/v concatenated), ``SPLIT`` (a fused tensor cut into parts), ``ZEROS`` (tensors the checkpoint does
+  ``FUSED`` (q/k/v concatenated), ``SPLIT`` (a fused tensor cut into parts), ``ROTARY`` (the rows of each head of a
+  rotary query or key projection reordered into the other pairing of dims), ``ZEROS`` (tensors the checkpoint does
   not hold, made as zeros, each with the mapping's reason), and ``DROPPED`` (tensors the model has no place for);
 - keys the model names as the checkpoint does pass through unchanged.
 
@@ -133,7 +134,7 @@ def emit_python(mapping: KeyMap, *, version: str = "") -> str:
     compiled = [(re.compile(r.pattern), _replacement(r.replace)) for r in rules]
     tables: dict[str, list[tuple[str, Sequence[str] | str]]] = {k: [] for k in
                                                                  ("RENAMES", "RESHAPED", "TRANSPOSED", "FUSED",
-                                                                  "SPLIT", "ZEROS", "SHAPES")}
+                                                                  "SPLIT", "ROTARY", "ZEROS", "SHAPES")}
     used_rules: set[int] = set()
     for e in entries:
         target, src = _str(e.target), [_str(k) for k in e.source]
@@ -148,6 +149,8 @@ def emit_python(mapping: KeyMap, *, version: str = "") -> str:
             tables["RESHAPED"].append((target, [src[0], _tuple([str(d) for d in e.target_shape])]))
         elif kind == "transpose":
             tables["TRANSPOSED"].append((target, src[0]))
+        elif kind == "rotary":
+            tables["ROTARY"].append((target, [src[0], str(e.op.heads), _str(e.op.to)]))
         elif kind == "concat":
             tables["FUSED"].append((target, [_tuple(src), str(e.op.dim)]))
         elif kind == "zeros":
@@ -219,6 +222,7 @@ def _module(mapping: KeyMap, rules: Sequence[Rule], tables: dict, dropped: Seque
         "TRANSPOSED": "target key: checkpoint key of the transposed 2-D tensor.",
         "FUSED": "target key: (checkpoint keys, dim), concatenated in this order (q, k, v).",
         "SPLIT": "target key: (checkpoint key, dim, part sizes, part), one part of a fused tensor.",
+        "ROTARY": "target key: (checkpoint key, heads, layout), each head's rows put in that rotary layout.",
         "ZEROS": "target key: (shape, dtype, why), a tensor the checkpoint does not hold, made as zeros.",
         "SHAPES": "target key: shape, for ops whose result is then reshaped.",
     }
@@ -263,7 +267,7 @@ def _function(mapping: KeyMap, rules: bool, tables: dict, dropped: bool) -> list
         ]
     key_expr = "_name(k)" if name else "k"
     tensors = f"{{{key_expr}: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}}"
-    explicit = [t for t in ("FUSED", "SPLIT", "TRANSPOSED", "RESHAPED", "RENAMES", "ZEROS") if tables[t]]
+    explicit = [t for t in ("FUSED", "SPLIT", "TRANSPOSED", "ROTARY", "RESHAPED", "RENAMES", "ZEROS") if tables[t]]
     if not explicit and not dropped and not rules:
         return [*out, f"    return {tensors}"]
     out.append(f"    state_dict = {tensors}")
@@ -295,6 +299,12 @@ _BODY = {
     "TRANSPOSED": ["    for target, source in TRANSPOSED.items():",
                    "        out[target] = state_dict[source].t()",
                    "        taken.add(source)"],
+    "ROTARY": ["    for target, (source, heads, layout) in ROTARY.items():",
+               "        w = state_dict[source]",
+               "        half = w.shape[0] // heads // 2",
+               "        grid = (heads, half, 2, -1) if layout == \"half\" else (heads, 2, half, -1)",
+               "        out[target] = w.reshape(grid).transpose(1, 2).reshape(w.shape)",
+               "        taken.add(source)"],
     "RESHAPED": ["    for target, (source, shape) in RESHAPED.items():",
                  "        out[target] = state_dict[source].reshape(shape)",
                  "        taken.add(source)"],

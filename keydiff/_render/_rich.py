@@ -174,8 +174,14 @@ def next_step(d: Diff, *, output: str | None = None, partial: bool = False) -> s
     kinds = {g.kind for g in d.diagnoses if g.kind in _CAUSE_STEPS}
     steps = [_CAUSE_STEPS[k] for k in _CAUSE_STEPS if k in kinds]
     weak = [x for x in m.missing if x.reason.startswith("proposed")]
-    if weak:
-        steps.append(f"{len(weak)} unresolved keys have weaker proposals: check them and lower --min-confidence")
+    # a proposal in doubt about a layout is decided by running, not by lowering the threshold (which applies it)
+    doubt = [x for x in weak if "--source" in x.reason]
+    if doubt:
+        steps.append(f"{len(doubt)} unresolved keys are unproven (a layout their shapes cannot show): add --source "
+                     "SOURCE_MODEL to decide by running both models")
+    if len(weak) > len(doubt):
+        steps.append(f"{len(weak) - len(doubt)} unresolved keys have weaker proposals: check them and lower "
+                     "--min-confidence")
     if not steps:
         steps.append("the unresolved keys need tensors the checkpoint lacks" if m.missing else
                      "the unused checkpoint tensors above have no place in this model; follow the cause above")
