@@ -377,20 +377,25 @@ def layout_conventions(entries: list[Entry], model: KeySet, checkpoint: KeySet,
     return parallel_by_order(entries, model)
 
 
+NAMES_DECIDE = 0.75
+"""An order pairing whose names score this high (``query`` -> ``q_proj``) was told apart by its names."""
+
+
 def parallel_by_order(entries: list[Entry], model: KeySet) -> list[Entry]:
     """Entries that fill parallel same-shaped modules by order alone, unproven.
 
     Modules under one parent with the same shapes, fed by the same modules and feeding none of each other (the
     query, key and value projections of an attention, 1x1 convolutions or linear layers alike) are parallel: the
     order they run in is how their code is written, not what they compute. When names do not tell them apart (the
-    entries came from the order step, ``convs.0/1/2`` into ``q/k/v``), their roles are not known.
+    entries came from the order step, ``convs.0/1/2`` into ``q/k/v``, with names scoring below ``NAMES_DECIDE``),
+    their roles are not known.
     """
     flow = model.flow
     if flow is None or not flow.ran:
         return entries
     by_order: dict[str, list[Entry]] = {}
     for e in entries:
-        if e.evidence.method == "order":
+        if e.evidence.method == "order" and e.evidence.name_score < NAMES_DECIDE:
             by_order.setdefault(owner_of(e.target), []).append(e)
     groups: dict[tuple, list[str]] = {}
     for module, es in by_order.items():
@@ -406,7 +411,8 @@ def parallel_by_order(entries: list[Entry], model: KeySet) -> list[Entry]:
         return entries
     out = []
     for e in entries:
-        others = doubt.get(owner_of(e.target)) if e.evidence.method == "order" else None
+        weak = e.evidence.method == "order" and e.evidence.name_score < NAMES_DECIDE
+        others = doubt.get(owner_of(e.target)) if weak else None
         if others:
             note = (f"unproven: parallel to {', '.join(others)} (same shapes, fed by the same input), and names do "
                     "not say which is which: the order modules run in is how their code is written (--source "
