@@ -567,3 +567,120 @@ PAIRS.append(SAM2)
 REQUIRES = {"ldm_vae_to_diffusers": "diffusers", "sam_to_transformers": "segment_anything",
             "encodec_to_transformers": "encodec", "sam_image_encoder_only": "segment_anything",
             "diffusers_legacy_attention_names": "diffusers", "sam2_video_to_transformers_image": "sam2"}
+
+
+# --- diffusion: a whole Stable Diffusion v1 checkpoint -> diffusers UNet2DConditionModel ---------------------------
+
+DIFFUSERS_UNET = dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",
+                      "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
+                      layers_per_block=1, cross_attention_dim=16, attention_head_dim=2, norm_num_groups=32)
+SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+            "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+            "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+
+
+class LatentDiffusion(nn.Module):
+    """The tensors of ``ldm.models.diffusion.ddpm.LatentDiffusion`` as SD v1 holds them, in its registration order:
+    ``model.diffusion_model`` (the UNet), the noise schedule's buffers, ``first_stage_model`` (the autoencoder)
+    and ``cond_stage_model.transformer`` (FrozenCLIPEmbedder's transformers ``CLIPTextModel``). Runs the UNet."""
+
+    def __init__(self) -> None:
+        from ldm_unet import tiny_unet
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from ldm_vae import tiny_vae
+
+        super().__init__()
+        self.model = nn.Module()
+        self.model.diffusion_model = tiny_unet()
+        for name in SCHEDULE:
+            self.register_buffer(name, torch.linspace(0.1, 0.9, 10))
+        self.first_stage_model = tiny_vae()
+        self.cond_stage_model = nn.Module()
+        self.cond_stage_model.transformer = CLIPTextModel(CLIPTextConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.model.diffusion_model(x, t, context)
+
+
+def latent_diffusion() -> nn.Module:
+    return LatentDiffusion()
+
+
+def _denoise_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    return torch.tensor([7] * x.shape[0]), torch.randn(x.shape[0], 5, 16, generator=g)
+
+
+def ldm_unet_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    t, context = _denoise_inputs(x)
+    return m(x, t, context)
+
+
+def diffusers_unet_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    t, context = _denoise_inputs(x)
+    return m(x, t, encoder_hidden_states=context).sample
+
+
+def ldm_unet_reference(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """diffusers' single-file conversion facts (``convert_ldm_unet_checkpoint``) for one res block per level:
+    ``input_blocks.{i}`` (i >= 1) is down level ``(i-1)//2``, its ``.0`` a resnet (or the downsampler ``.0.op``
+    when it is the level's second), its ``.1`` the attention; ``middle_block.{0,1,2}`` -> ``mid_block.resnets.0,
+    attentions.0, resnets.1``; ``output_blocks.{i}`` is up level ``i//2``, resnet ``i%2``, then attention or the
+    upsampler; resnets' ``in_layers.{0,2}``, ``emb_layers.1``, ``out_layers.{0,3}``, ``skip_connection`` ->
+    ``norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut``; the spatial transformers keep their names. The
+    autoencoder, the text encoder and the noise schedule have no counterpart in the UNet."""
+    unet = src.model.diffusion_model
+    has_attn = [any(isinstance(m, type(unet.middle_block[1])) for m in blk) for blk in unet.output_blocks]
+    resnet = [(r"in_layers\.0\.", "norm1."), (r"in_layers\.2\.", "conv1."), (r"emb_layers\.1\.", "time_emb_proj."),
+              (r"out_layers\.0\.", "norm2."), (r"out_layers\.3\.", "conv2."), (r"skip_connection\.", "conv_shortcut.")]
+    ref = {}
+    for key, value in unet.state_dict().items():
+        k = key
+        for pat, repl in [(r"^time_embed\.0\.", "time_embedding.linear_1."),
+                          (r"^time_embed\.2\.", "time_embedding.linear_2."), (r"^input_blocks\.0\.0\.", "conv_in."),
+                          (r"^out\.0\.", "conv_norm_out."), (r"^out\.2\.", "conv_out.")]:
+            k = re.sub(pat, repl, k)
+        m = re.match(r"input_blocks\.(\d+)\.(\d)\.(.*)", k)
+        if m:
+            i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+            level, slot = (i - 1) // 2, (i - 1) % 2
+            if slot == 1:
+                k = f"down_blocks.{level}.downsamplers.0.conv.{rest.removeprefix('op.')}"
+            else:
+                k = f"down_blocks.{level}.{'resnets' if j == 0 else 'attentions'}.0.{rest}"
+        m = re.match(r"middle_block\.(\d)\.(.*)", k)
+        if m:
+            k = f"mid_block.{['resnets.0', 'attentions.0', 'resnets.1'][int(m.group(1))]}.{m.group(2)}"
+        m = re.match(r"output_blocks\.(\d+)\.(\d)\.(.*)", k)
+        if m:
+            i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+            level, slot = i // 2, i % 2
+            if j == 0:
+                k = f"up_blocks.{level}.resnets.{slot}.{rest}"
+            elif j == 1 and has_attn[i]:
+                k = f"up_blocks.{level}.attentions.{slot}.{rest}"
+            else:
+                k = f"up_blocks.{level}.upsamplers.0.{rest}"
+        if ".resnets." in k:
+            for pat, repl in resnet:
+                k = re.sub(pat, repl, k)
+        ref[k] = value
+    return ref
+
+
+def save_sd_ckpt(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """As CompVis released ``sd-v1-4.ckpt``: Lightning's ``.ckpt``, ``state_dict`` holding every part."""
+    path = directory / "sd-v1-tiny.ckpt"
+    torch.save({"state_dict": sd, "epoch": 6, "global_step": 470000}, path)
+    return path
+
+
+SD_UNET = Pair("sd_checkpoint_unet_to_diffusers", latent_diffusion, "diffusers:UNet2DConditionModel", DIFFUSERS_UNET,
+               ldm_unet_out, diffusers_unet_out, input_shape=(1, 4, 8, 8), save=save_sd_ckpt,
+               reference=ldm_unet_reference, tags=("diffusion", "class5", "class8"))
+
+PAIRS.append(SD_UNET)
+REQUIRES["sd_checkpoint_unet_to_diffusers"] = "diffusers"
