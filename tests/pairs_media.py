@@ -1,9 +1,9 @@
-"""Real pairs beyond vision classifiers (issue 11): segmentation, diffusion and audio codecs.
+"""Real pairs beyond vision classifiers (issue 11): segmentation, diffusion, audio codecs and vocoders.
 
 Each source is built from its library's own code (or, for research code no package ships, a faithful test module:
-``ldm_vae.py``, ``hifigan.py``, ``segformer_mit.py``), with every tensor random, and saved the way that library saves
-it. Each reference (the correct converted tensors) is written from the known conversion, without keydiff, and proven
-by outputs in tests/test_pairs_media.py. Issue 11's classes each pair exercises are in its comment.
+``ldm_vae.py``, ``ldm_unet.py``, ``hifigan.py``, ``segformer_mit.py``), with every tensor random, and saved the way
+that library saves it. Each reference (the correct converted tensors) is written from the known conversion, without
+keydiff, and proven by outputs in tests/test_pairs_media.py. The issue 11 classes a pair exercises are in its tags.
 """
 
 from __future__ import annotations
