@@ -1,9 +1,9 @@
-"""Real pairs beyond vision classifiers (issue 11): segmentation, diffusion and audio codecs.
+"""Real pairs beyond vision classifiers (issue 11): segmentation, diffusion, audio codecs and vocoders.
 
 Each source is built from its library's own code (or, for research code no package ships, a faithful test module:
-``ldm_vae.py``, ``hifigan.py``, ``segformer_mit.py``), with every tensor random, and saved the way that library saves
-it. Each reference (the correct converted tensors) is written from the known conversion, without keydiff, and proven
-by outputs in tests/test_pairs_media.py. Issue 11's classes each pair exercises are in its comment.
+``ldm_vae.py``, ``ldm_unet.py``, ``hifigan.py``, ``segformer_mit.py``), with every tensor random, and saved the way
+that library saves it. Each reference (the correct converted tensors) is written from the known conversion, without
+keydiff, and proven by outputs in tests/test_pairs_media.py. The issue 11 classes a pair exercises are in its tags.
 """
 
 from __future__ import annotations
@@ -428,3 +428,259 @@ SEGFORMER = Pair("segformer_mmseg_to_transformers", segformer, "transformers:Seg
                  reference=segformer_reference, tags=("segmentation", "class5", "class7"))
 
 PAIRS.append(SEGFORMER)
+
+
+# --- segmentation: SAM 2 (image and video) -> transformers Sam2Model (images only) ----------------------------------
+
+SAM2_D = 32
+# sam2.1_hiera_t.yaml at test size (image 64, Hiera stages of 1, 2, 1, 1 blocks, a global one inside stage 2,
+# width 32), with build_sam2's post-processing overrides; the mask decoder's 8 heads, MLP 2048 and IoU head 256 are
+# fixed in SAM2Base.
+SAM2_OVERRIDES = [
+    "++model.image_size=64", "++model.image_encoder.trunk.embed_dim=8",
+    "++model.image_encoder.trunk.stages=[1,2,1,1]", "++model.image_encoder.trunk.global_att_blocks=[2]",
+    "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+    "++model.image_encoder.trunk.window_spec=[4,4,4,2]", f"++model.image_encoder.neck.d_model={SAM2_D}",
+    f"++model.image_encoder.neck.position_encoding.num_pos_feats={SAM2_D}",
+    "++model.image_encoder.neck.backbone_channel_list=[64,32,16,8]",
+    f"++model.memory_attention.d_model={SAM2_D}", f"++model.memory_attention.layer.d_model={SAM2_D}",
+    "++model.memory_attention.layer.dim_feedforward=64", "++model.memory_attention.num_layers=1",
+    f"++model.memory_attention.layer.self_attention.embedding_dim={SAM2_D}",
+    "++model.memory_attention.layer.self_attention.feat_sizes=[4,4]",
+    f"++model.memory_attention.layer.cross_attention.embedding_dim={SAM2_D}",
+    "++model.memory_attention.layer.cross_attention.feat_sizes=[4,4]",
+    "++model.memory_attention.layer.cross_attention.kv_in_dim=16", "++model.memory_encoder.out_dim=16",
+    "++model.memory_encoder.position_encoding.num_pos_feats=16", f"++model.memory_encoder.fuser.layer.dim={SAM2_D}",
+    "++model.memory_encoder.fuser.num_layers=1", "++model.num_maskmem=2",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
+]
+HF_SAM2 = dict(
+    vision_config=dict(
+        backbone_config=dict(model_type="sam2_hiera_det_model", hidden_size=8, num_attention_heads=1,
+                             image_size=[64, 64], window_positional_embedding_background_size=[4, 4],
+                             blocks_per_stage=[1, 2, 1, 1], embed_dim_per_stage=[8, 16, 32, 64],
+                             num_attention_heads_per_stage=[1, 2, 4, 8], window_size_per_stage=[4, 4, 4, 2],
+                             global_attention_blocks=[2]),
+        backbone_channel_list=[64, 32, 16, 8], backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]],
+        fpn_hidden_size=SAM2_D),
+    prompt_encoder_config=dict(hidden_size=SAM2_D, image_size=64, patch_size=16, mask_input_channels=16),
+    mask_decoder_config=dict(hidden_size=SAM2_D, mlp_dim=2048, num_attention_heads=8, iou_head_hidden_dim=256))
+
+
+def sam2() -> nn.Module:
+    """``sam2.build_sam.build_sam2`` on ``sam2.1_hiera_t.yaml`` (hydra), at test size: image encoder, SAM heads,
+    memory attention, memory encoder and object pointers."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("sam2", version_base="1.2"):
+        cfg = compose(config_name="configs/sam2.1/sam2.1_hiera_t.yaml", overrides=SAM2_OVERRIDES)
+    OmegaConf.resolve(cfg)
+    return instantiate(cfg.model, _recursive_=True)
+
+
+def save_sam2_pt(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """As Meta released ``sam2.1_hiera_tiny.pt``: ``{"model": state_dict}``, ``torch.save``."""
+    path = directory / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": sd}, path)
+    return path
+
+
+def sam2_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``SAM2ImagePredictor.set_image`` then ``predict`` with two points and three masks, on the image as given."""
+    points, labels, _, _ = _prompts(x)
+    _, feats, _, sizes = m._prepare_backbone_features(m.forward_image(x))
+    feats[-1] = feats[-1] + m.no_mem_embed  # directly_add_no_mem_embed, as the image predictor does
+    maps = [f.permute(1, 2, 0).view(1, -1, *s) for f, s in zip(feats, sizes, strict=True)]
+    sparse, dense = m.sam_prompt_encoder(points=(points, labels), boxes=None, masks=None)
+    masks, iou, _, _ = m.sam_mask_decoder(image_embeddings=maps[-1], image_pe=m.sam_prompt_encoder.get_dense_pe(),
+                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                          multimask_output=True, repeat_image=False, high_res_features=maps[:-1])
+    return torch.cat([masks.flatten(), iou.flatten()])
+
+
+def hf_sam2_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    points, labels, _, _ = _prompts(x)
+    out = m(pixel_values=x, input_points=points[:, None], input_labels=labels[:, None], multimask_output=True)
+    return torch.cat([out.pred_masks.flatten(), out.iou_scores.flatten()])
+
+
+_SAM2_MLP = r"^sam_mask_decoder\.(output_hypernetworks_mlps\.\d+|iou_prediction_head|pred_obj_score_head)"
+_SAM2_LAYER = r"^sam_mask_decoder\.transformer\.layers\.(\d+)\."
+_SAM2_RULES = [
+    (r"^no_mem_embed$", "no_memory_embedding"),
+    (r"^image_encoder\.trunk\.patch_embed\.proj\.", "vision_encoder.backbone.patch_embed.projection."),
+    (r"^image_encoder\.trunk\.blocks\.(\d+)\.norm(\d)\.", r"vision_encoder.backbone.blocks.\1.layer_norm\2."),
+    (r"^image_encoder\.trunk\.blocks\.(\d+)\.mlp\.layers\.0\.", r"vision_encoder.backbone.blocks.\1.mlp.proj_in."),
+    (r"^image_encoder\.trunk\.blocks\.(\d+)\.mlp\.layers\.1\.", r"vision_encoder.backbone.blocks.\1.mlp.proj_out."),
+    (r"^image_encoder\.trunk\.", "vision_encoder.backbone."),
+    (r"^image_encoder\.neck\.convs\.(\d+)\.conv\.", r"vision_encoder.neck.convs.\1."),
+    (r"^sam_prompt_encoder\.mask_downscaling\.0\.", "prompt_encoder.mask_embed.conv1."),
+    (r"^sam_prompt_encoder\.mask_downscaling\.1\.", "prompt_encoder.mask_embed.layer_norm1."),
+    (r"^sam_prompt_encoder\.mask_downscaling\.3\.", "prompt_encoder.mask_embed.conv2."),
+    (r"^sam_prompt_encoder\.mask_downscaling\.4\.", "prompt_encoder.mask_embed.layer_norm2."),
+    (r"^sam_prompt_encoder\.mask_downscaling\.6\.", "prompt_encoder.mask_embed.conv3."),
+    (r"^sam_prompt_encoder\.(no_mask_embed|not_a_point_embed)\.", r"prompt_encoder.\1."),
+    (_SAM2_LAYER + r"norm(\d)\.", r"mask_decoder.transformer.layers.\1.layer_norm\2."),
+    (_SAM2_LAYER + r"mlp\.layers\.0\.", r"mask_decoder.transformer.layers.\1.mlp.proj_in."),
+    (_SAM2_LAYER + r"mlp\.layers\.1\.", r"mask_decoder.transformer.layers.\1.mlp.proj_out."),
+    (r"^sam_mask_decoder\.transformer\.norm_final_attn\.", "mask_decoder.transformer.layer_norm_final_attn."),
+    (r"^sam_mask_decoder\.output_upscaling\.0\.", "mask_decoder.upscale_conv1."),
+    (r"^sam_mask_decoder\.output_upscaling\.1\.", "mask_decoder.upscale_layer_norm."),
+    (r"^sam_mask_decoder\.output_upscaling\.3\.", "mask_decoder.upscale_conv2."),
+    (_SAM2_MLP + r"\.layers\.0\.", r"mask_decoder.\1.proj_in."),
+    (_SAM2_MLP + r"\.layers\.1\.", r"mask_decoder.\1.layers.0."),
+    (_SAM2_MLP + r"\.layers\.2\.", r"mask_decoder.\1.proj_out."),
+    (r"^sam_mask_decoder\.", "mask_decoder."),
+]
+
+
+def sam2_reference(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """transformers' SAM 2 conversion facts: SAM's renames (``mask_downscaling``, ``output_upscaling``, the MLP
+    heads' ``layers.{0,1,2}`` -> ``proj_in, layers.0, proj_out``), ``out_proj`` -> ``o_proj``, the four
+    ``point_embeddings.{0..3}.weight`` [1, D] stacked into ``point_embed.weight`` [4, D], the Fourier matrix shared
+    by ``shared_image_embedding`` and the prompt encoder; the memory attention, memory encoder and object-pointer
+    modules (video tracking) have no counterpart in the image model and are left out whole."""
+    sd = src.state_dict()
+    ref = {re.sub(r"\.out_proj\.", ".o_proj.", k): v for k, v in renamed(sd, _SAM2_RULES).items()}
+    ref["prompt_encoder.point_embed.weight"] = torch.cat(
+        [sd[f"sam_prompt_encoder.point_embeddings.{i}.weight"] for i in range(4)])
+    gauss = sd["sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
+    ref["shared_image_embedding.positional_embedding"] = gauss
+    ref["prompt_encoder.shared_embedding.positional_embedding"] = gauss
+    shapes = dst.state_dict()
+    return {k: v for k, v in ref.items() if k in shapes}
+
+
+SAM2 = Pair("sam2_video_to_transformers_image", sam2, "transformers:Sam2Model", HF_SAM2, sam2_out, hf_sam2_out,
+            input_shape=(1, 3, 64, 64), save=save_sam2_pt, reference=sam2_reference,
+            tags=("segmentation", "class1", "class4", "class7", "class8"))
+
+PAIRS.append(SAM2)
+
+# The library each source needs beyond the dev extras (tests skip a pair whose library is not installed).
+REQUIRES = {"ldm_vae_to_diffusers": "diffusers", "sam_to_transformers": "segment_anything",
+            "encodec_to_transformers": "encodec", "sam_image_encoder_only": "segment_anything",
+            "diffusers_legacy_attention_names": "diffusers", "sam2_video_to_transformers_image": "sam2"}
+
+
+# --- diffusion: a whole Stable Diffusion v1 checkpoint -> diffusers UNet2DConditionModel ---------------------------
+
+DIFFUSERS_UNET = dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",
+                      "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
+                      layers_per_block=1, cross_attention_dim=16, attention_head_dim=2, norm_num_groups=32)
+SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+            "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+            "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+
+
+class LatentDiffusion(nn.Module):
+    """The tensors of ``ldm.models.diffusion.ddpm.LatentDiffusion`` as SD v1 holds them, in its registration order:
+    ``model.diffusion_model`` (the UNet), the noise schedule's buffers, ``first_stage_model`` (the autoencoder)
+    and ``cond_stage_model.transformer`` (FrozenCLIPEmbedder's transformers ``CLIPTextModel``). Runs the UNet."""
+
+    def __init__(self) -> None:
+        from ldm_unet import tiny_unet
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from ldm_vae import tiny_vae
+
+        super().__init__()
+        self.model = nn.Module()
+        self.model.diffusion_model = tiny_unet()
+        for name in SCHEDULE:
+            self.register_buffer(name, torch.linspace(0.1, 0.9, 10))
+        self.first_stage_model = tiny_vae()
+        self.cond_stage_model = nn.Module()
+        self.cond_stage_model.transformer = CLIPTextModel(CLIPTextConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.model.diffusion_model(x, t, context)
+
+
+def latent_diffusion() -> nn.Module:
+    return LatentDiffusion()
+
+
+def _denoise_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    return torch.tensor([7] * x.shape[0]), torch.randn(x.shape[0], 5, 16, generator=g)
+
+
+def ldm_unet_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    t, context = _denoise_inputs(x)
+    return m(x, t, context)
+
+
+def diffusers_unet_out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    t, context = _denoise_inputs(x)
+    return m(x, t, encoder_hidden_states=context).sample
+
+
+def ldm_unet_reference(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """diffusers' single-file conversion facts (``convert_ldm_unet_checkpoint``) for one res block per level:
+    ``input_blocks.{i}`` (i >= 1) is down level ``(i-1)//2``, its ``.0`` a resnet (or the downsampler ``.0.op``
+    when it is the level's second), its ``.1`` the attention; ``middle_block.{0,1,2}`` -> ``mid_block.resnets.0,
+    attentions.0, resnets.1``; ``output_blocks.{i}`` is up level ``i//2``, resnet ``i%2``, then attention or the
+    upsampler; resnets' ``in_layers.{0,2}``, ``emb_layers.1``, ``out_layers.{0,3}``, ``skip_connection`` ->
+    ``norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut``; the spatial transformers keep their names. The
+    autoencoder, the text encoder and the noise schedule have no counterpart in the UNet."""
+    unet = src.model.diffusion_model
+    has_attn = [any(isinstance(m, type(unet.middle_block[1])) for m in blk) for blk in unet.output_blocks]
+    resnet = [(r"in_layers\.0\.", "norm1."), (r"in_layers\.2\.", "conv1."), (r"emb_layers\.1\.", "time_emb_proj."),
+              (r"out_layers\.0\.", "norm2."), (r"out_layers\.3\.", "conv2."), (r"skip_connection\.", "conv_shortcut.")]
+    ref = {}
+    for key, value in unet.state_dict().items():
+        k = key
+        for pat, repl in [(r"^time_embed\.0\.", "time_embedding.linear_1."),
+                          (r"^time_embed\.2\.", "time_embedding.linear_2."), (r"^input_blocks\.0\.0\.", "conv_in."),
+                          (r"^out\.0\.", "conv_norm_out."), (r"^out\.2\.", "conv_out.")]:
+            k = re.sub(pat, repl, k)
+        m = re.match(r"input_blocks\.(\d+)\.(\d)\.(.*)", k)
+        if m:
+            i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+            level, slot = (i - 1) // 2, (i - 1) % 2
+            if slot == 1:
+                k = f"down_blocks.{level}.downsamplers.0.conv.{rest.removeprefix('op.')}"
+            else:
+                k = f"down_blocks.{level}.{'resnets' if j == 0 else 'attentions'}.0.{rest}"
+        m = re.match(r"middle_block\.(\d)\.(.*)", k)
+        if m:
+            k = f"mid_block.{['resnets.0', 'attentions.0', 'resnets.1'][int(m.group(1))]}.{m.group(2)}"
+        m = re.match(r"output_blocks\.(\d+)\.(\d)\.(.*)", k)
+        if m:
+            i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+            level, slot = i // 2, i % 2
+            if j == 0:
+                k = f"up_blocks.{level}.resnets.{slot}.{rest}"
+            elif j == 1 and has_attn[i]:
+                k = f"up_blocks.{level}.attentions.{slot}.{rest}"
+            else:
+                k = f"up_blocks.{level}.upsamplers.0.{rest}"
+        if ".resnets." in k:
+            for pat, repl in resnet:
+                k = re.sub(pat, repl, k)
+        ref[k] = value
+    return ref
+
+
+def save_sd_ckpt(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """As CompVis released ``sd-v1-4.ckpt``: Lightning's ``.ckpt``, ``state_dict`` holding every part."""
+    path = directory / "sd-v1-tiny.ckpt"
+    torch.save({"state_dict": sd, "epoch": 6, "global_step": 470000}, path)
+    return path
+
+
+SD_UNET = Pair("sd_checkpoint_unet_to_diffusers", latent_diffusion, "diffusers:UNet2DConditionModel", DIFFUSERS_UNET,
+               ldm_unet_out, diffusers_unet_out, input_shape=(1, 4, 8, 8), save=save_sd_ckpt,
+               reference=ldm_unet_reference, tags=("diffusion", "class5", "class8"))
+
+PAIRS.append(SD_UNET)
+REQUIRES["sd_checkpoint_unet_to_diffusers"] = "diffusers"
