@@ -436,6 +436,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     found, tower = _one_tower(found, norm_keys, model, src_rest, dst_rest, to_model, to_raw, min_confidence)
     entries.extend(found[0])
     notes = found[1]
+    entries = _orphan_subtrees(entries, norm_keys, to_model, min_confidence)
     entries = _sequential_positions(entries, model, to_model)
     entries = layout_conventions(entries, model, norm_keys, to_model)  # exact-name matches included
     order_of = {k: i for i, k in enumerate(model)}
@@ -640,7 +641,16 @@ def _one_tower(found: tuple[list[Entry], list[str]], checkpoint: KeySet, model: 
     # matched again inside the tower: if that fills as much, the other tower feeds nothing
     again = _match(checkpoint, model, within, dst_rest, to_raw)
     if filled(again[0]) < filled(entries):
-        return found, ""
+        # the open match fills more from outside the tower: a stem or head beside the blocks is the model's own;
+        # tensors of another deep subtree that fit by position or shape only (a VAE's norms in a UNet) are not
+        weak = (f"unproven: from outside `{tower}.`, the tower this model is, and paired by position or shape only"
+                )
+        towers = {_top(k) for k in src_rest if k.count(".") >= SUBTREE_DEPTH}  # deep subtrees, not a stem's conv
+        kept = [e if not e.source or not any(_top(to_model[k]) in towers - {tower} for k in e.source)
+                or e.evidence.method in ("exact", "prefix") or e.evidence.name_score >= 0.75
+                else replace(e, confidence=min(e.confidence, 0.35), evidence=replace(e.evidence, note=weak))
+                for e in entries]
+        return (kept, found[1]), ""
     return (again[0], [*again[1], note]), tower
 
 
@@ -728,6 +738,49 @@ def _unstack_entries(p: Pairing, i: int, sl: Any, to_raw: Mapping[str, str], ev:
         out.append(Entry(source=(to_raw[sl.keys[0]],), target=key, op=Op(kind="unstack", dim=0, index=j, sizes=sizes),
                          confidence=p.confidence, evidence=Evidence(shape="unstacked", **ev),
                          source_shapes=(sl.shape,), target_shape=shape))
+    return out
+
+
+ORPHAN_SHARE = 0.25
+"""A checkpoint subtree of which less than this share finds a place, by weak evidence only, has no counterpart."""
+
+
+def _orphan_subtrees(entries: list[Entry], checkpoint: KeySet, to_model: Mapping[str, str],
+                     min_confidence: float) -> list[Entry]:
+    """A subtree the model lacks feeds nothing: when few of a checkpoint subtree's tensors find a place, and only
+    by position or shape (a video model's memory encoder, whose norm fits a prompt encoder's), those few are
+    coincidences, not a counterpart: they are unproven, and the subtree is left unused whole.
+
+    Subtrees are the children where the checkpoint's keys branch (below wrappers every key shares); one with
+    fewer than four tensors is a part, not a subtree.
+    """
+    sides = _branches(list(checkpoint))
+    sizes = {name: len(keys) for name, keys in sides.items() if name and len(keys) >= 4}
+    if len(sizes) < 2:
+        return entries
+    depth = _branch_depth(list(checkpoint))
+    def subtree(raw: str) -> str:
+        tokens = to_model.get(raw, raw).split(".")
+        return tokens[depth] if len(tokens) > depth + 1 else ""
+
+    used: dict[str, list[int]] = defaultdict(list)
+    for n, e in enumerate(entries):
+        if e.confidence >= min_confidence:
+            for name in {subtree(k) for k in e.source} & sizes.keys():
+                used[name].append(n)
+    out = list(entries)
+    for name, ns in used.items():
+        tensors = {k for n in ns for k in entries[n].source if subtree(k) == name}
+        if len(tensors) >= ORPHAN_SHARE * sizes[name]:
+            continue
+        if any(entries[n].evidence.method in ("exact", "prefix") or entries[n].evidence.name_score >= 0.75
+               for n in ns):
+            continue
+        note = (f"unproven: `{name}` has no counterpart in the model ({len(tensors)} of its {sizes[name]} tensors "
+                "found a place, by position or shape only): a part the model lacks feeds nothing")
+        for n in ns:
+            e = entries[n]
+            out[n] = replace(e, confidence=min(e.confidence, 0.35), evidence=replace(e.evidence, note=note))
     return out
 
 
