@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -236,6 +237,79 @@ def gpt2_body(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
     its keys have no ``transformer.`` prefix."""
     ref = gpt2_layout(pair, src, dst)
     return {k.removeprefix("transformer."): v for k, v in ref.items() if k != "lm_head.weight"}
+
+
+# --- Megatron-LM GPT -> transformers GPT-2: per-head q/k/v interleave, Conv1D, tied head ------------------------------
+
+HF_GPT2_TANH = {k: v for k, v in HF_GPT2.items() if k != "activation_function"}  # gelu_new, Megatron's fused gelu
+
+
+def megatron_gpt() -> nn.Module:
+    from text_models import MegatronGPT
+
+    return MegatronGPT()
+
+
+def save_megatron(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """Megatron-LM's ``model_optim_rng.pt`` (one rank, ``iter_0001000/mp_rank_00/``): the model's
+    ``state_dict_for_save_checkpoint`` nests the embedding per module and keeps the encoder's keys flat. Real files
+    also carry the run's ``args`` (an argparse Namespace, pickled code): left out, so the file loads with
+    ``weights_only=True``."""
+    embedding: dict[str, Any] = {}
+    encoder = {}
+    for k, v in sd.items():
+        rest = k.removeprefix("language_model.")
+        if rest.startswith("embedding."):
+            module, name = rest.removeprefix("embedding.").split(".")
+            embedding.setdefault(module, {})[name] = v
+        else:
+            encoder[rest.removeprefix("encoder.")] = v
+    folder = directory / "iter_0001000" / "mp_rank_00"
+    folder.mkdir(parents=True)
+    path = folder / "model_optim_rng.pt"
+    torch.save({"model": {"language_model": {"embedding": embedding, "encoder": encoder}},
+                "checkpoint_version": 3.0, "iteration": 1000}, path)
+    return path
+
+
+def save_nemo_weights(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """NeMo's Megatron GPT: ``model_weights.ckpt`` (inside the .nemo archive), one flat state dict of the same
+    modules under ``model.``."""
+    path = directory / "model_weights.ckpt"
+    torch.save({"model." + k: v for k, v in sd.items()}, path)
+    return path
+
+
+def megatron_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(ids(x))
+
+
+def megatron_to_gpt2(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """transformers' ``convert_megatron_gpt2_checkpoint.py``: ``query_key_value`` rows from per-head
+    ``[heads, 3, head_dim]`` to ``[3, heads, head_dim]`` (its ``fix_query_key_value_ordering``), then every linear
+    weight transposed into Conv1D's ``[in, out]``; ``lm_head`` is the word embedding."""
+    sd = src.state_dict()
+    heads = HF_GPT2["n_head"]
+    ref = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"language_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k)
+        if not m:
+            continue
+        i, module, kind = m.groups()
+        if module == "self_attention.query_key_value":
+            v = v.view(heads, 3, -1, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
+        if kind == "weight" and v.dim() == 2:
+            v = v.t().contiguous()
+        name = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
+                "self_attention.query_key_value": "attn.c_attn", "self_attention.dense": "attn.c_proj",
+                "mlp.dense_h_to_4h": "mlp.c_fc", "mlp.dense_4h_to_h": "mlp.c_proj"}[module]
+        ref[f"transformer.h.{i}.{name}.{kind}"] = v
+    wte = sd["language_model.embedding.word_embeddings.weight"]
+    ref |= {"transformer.wte.weight": wte, "lm_head.weight": wte,
+            "transformer.wpe.weight": sd["language_model.embedding.position_embeddings.weight"],
+            "transformer.ln_f.weight": sd["language_model.encoder.final_layernorm.weight"],
+            "transformer.ln_f.bias": sd["language_model.encoder.final_layernorm.bias"]}
+    return ref
 
 
 # --- openai-whisper -> transformers ----------------------------------------------------------------------------------
@@ -569,6 +643,11 @@ PAIRS = [
          input_shape=(2, 8), save=save_pretrained(hf_gpt2), reference=gpt2_layout, tags=("llm",)),
     Pair("nanogpt_to_hf_gpt2", nanogpt, "transformers:GPT2LMHeadModel", HF_GPT2, nanogpt_logits, hf_lm_logits,
          input_shape=(2, 8), save=save_nanogpt, reference=gpt2_layout, tags=("llm",)),
+    Pair("megatron_gpt_to_hf_gpt2", megatron_gpt, "transformers:GPT2LMHeadModel", HF_GPT2_TANH, megatron_logits,
+         hf_lm_logits, input_shape=(2, 8), save=save_megatron, reference=megatron_to_gpt2, tags=("llm",)),
+    Pair("nemo_megatron_gpt_to_hf_gpt2", megatron_gpt, "transformers:GPT2LMHeadModel", HF_GPT2_TANH,
+         megatron_logits, hf_lm_logits, input_shape=(2, 8), save=save_nemo_weights, reference=megatron_to_gpt2,
+         tags=("llm",)),
     Pair("whisper_to_hf", whisper_model, "transformers:WhisperForConditionalGeneration", HF_WHISPER, whisper_logits,
          hf_whisper_logits, input_shape=(2, 16, 16), save=save_whisper, reference=whisper_to_hf, tags=("speech",)),
     Pair("hf_whisper_to_openai", hf_whisper, "text_models:openai_whisper", WHISPER_DIMS, hf_whisper_logits,
@@ -596,6 +675,9 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "hf_llama_to_meta": ("3 rotary layout",),
     "hf_gpt2_to_nanogpt": ("1 tied weights", "4 same name, other layout"),
     "nanogpt_to_hf_gpt2": ("4 same name, other layout",),
+    "megatron_gpt_to_hf_gpt2": ("per-head q/k/v interleave", "4 same name, other layout", "1 tied weights",
+                                "containers: nested dicts"),
+    "nemo_megatron_gpt_to_hf_gpt2": ("per-head q/k/v interleave", "4 same name, other layout", "1 tied weights"),
     "whisper_to_hf": ("1 tied weights",),
     "hf_whisper_to_openai": ("renames only (the tied proj_out has no counterpart)",),
     "esm2_to_hf": ("1 tied weights (per-layer inv_freq, lm head)",),

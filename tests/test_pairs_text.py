@@ -24,16 +24,20 @@ CONV1D_LAYOUT = "class 4: Conv1D [in, out]: the square attn.c_proj keeps its exa
 TIED = "class 1: the tied target key ({}) is absent from the file"
 
 # end to end: the CLI exits 0, the converted target reproduces the source, every applied entry is right
+INTERLEAVE = "per-head layout: query_key_value rows [heads, 3, head_dim] need reordering to [3, heads, head_dim]"
 FAILS_E2E = {
     "meta_llama_to_hf": ROTARY + " (exits 0, computes something else)",
     "meta_llama_2shards_to_hf": "containers: Meta's consolidated.NN.pth shards are not merged (exit 2)",
     "hf_llama_to_meta": ROTARY + " (exits 0, computes something else)",
     "hf_gpt2_to_nanogpt": TIED.format("lm_head.weight") + "; " + CONV1D_LAYOUT,
     "nanogpt_to_hf_gpt2": CONV1D_LAYOUT + " (exits 0, computes something else)",
-    "whisper_to_hf": TIED.format("proj_out.weight"),
-    "esm2_to_hf": TIED.format("lm_head.decoder.weight, and lm_head.bias"),
-    "hf_whisper_to_openai": "the blocks' attn_ln/mlp_ln stay unproven: names do not tell which transformers norm is "
-                            "which, and the sorted file's order says nothing",
+    "megatron_gpt_to_hf_gpt2": "containers: Megatron's nested {model: {language_model: {embedding, encoder}}} "
+                               "holds no flat tensor dict (exit 2)",
+    "nemo_megatron_gpt_to_hf_gpt2": INTERLEAVE + "; " + TIED.format("lm_head.weight")
+                                    + "; the transposed MLP weights left unresolved",
+    "whisper_to_hf": TIED.format("proj_out.weight") + "; order pairing swaps a block's attn_ln/mlp_ln",
+    "esm2_to_hf": TIED.format("lm_head.decoder.weight, and lm_head.bias") + "; emb_layer_norm_after placed in a block",
+    "hf_whisper_to_openai": "class 5: order pairing fills whisper's encoder blocks from transformers' decoder layers",
     "hf_esm_to_fair_esm": TIED.format("each layer's rot_emb.inv_freq, from one model-level copy") + "; the blocks' "
                           "LayerNorm.gamma/beta (transformers 5 saves the legacy names) left ambiguous",
     "wav2vec2_weight_norm_folded": "class 2: weight_g/weight_v into one plain weight needs the value op g * v / ||v||",
@@ -50,6 +54,9 @@ FAILS_ENTRIES = {
     "hf_llama_to_meta": ROTARY,
     "hf_gpt2_to_nanogpt": CONV1D_LAYOUT,
     "nanogpt_to_hf_gpt2": CONV1D_LAYOUT,
+    "nemo_megatron_gpt_to_hf_gpt2": INTERLEAVE + " (transposed, not reordered)",
+    "whisper_to_hf": "class 1 and norms: with proj_out.weight unfilled, order pairing swaps attn_ln and mlp_ln",
+    "esm2_to_hf": "class 1 and norms: emb_layer_norm_after and the blocks' attention LayerNorms shift by one",
     "nanogpt_to_hf_gpt2_body": CONV1D_LAYOUT,
 }
 
