@@ -669,6 +669,17 @@ PAIRS = [
          hidden_states, input_shape=(2, 400), save=save_legacy_bin, reference=same_names, tags=("speech",)),
 ]
 
+# Negative pairs: no complete correct mapping exists (the target is deeper than the checkpoint); they must end
+# unresolved (exit 1), every applied entry equal to the reference of the shared part.
+PAIRS += [
+    Pair("meta_llama_2_layers_as_4", meta_llama, "transformers:LlamaForCausalLM", dict(HF_LLAMA, num_hidden_layers=4),
+         meta_logits, hf_lm_logits, input_shape=(2, 8), save=save_consolidated, reference=meta_to_hf_llama,
+         negative=True, tags=("llm",)),
+    Pair("whisper_2_decoder_layers_as_3", whisper_model, "transformers:WhisperForConditionalGeneration",
+         dict(HF_WHISPER, decoder_layers=3), whisper_logits, hf_whisper_logits, input_shape=(2, 16, 16),
+         save=save_whisper, reference=whisper_to_hf, negative=True, tags=("speech",)),
+]
+
 CLASSES: dict[str, tuple[str, ...]] = {
     "meta_llama_to_hf": ("3 rotary layout",),
     "meta_llama_2shards_to_hf": ("3 rotary layout", "containers: consolidated shards"),
@@ -687,5 +698,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "encodec_to_hf": ("2 weight normalisation (legacy names; a .th file)",),
     "hf_t5_save_pretrained": ("1 tied weights (three keys share one tensor)",),
     "wav2vec2_legacy_weight_norm": ("2 weight normalisation",),
+    "meta_llama_2_layers_as_4": ("negative: depth", "3 rotary layout"),
+    "whisper_2_decoder_layers_as_3": ("negative: decoder depth", "1 tied weights"),
 }
 """Issue 11's classes each pair exercises."""
