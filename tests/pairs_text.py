@@ -97,6 +97,17 @@ def save_consolidated_shards(sd: dict[str, torch.Tensor], directory: Path, n: in
     return directory
 
 
+def save_first_shard(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """The 2-rank layout of ``save_consolidated_shards``, and keydiff given only ``consolidated.00.pth``: half of every
+    split tensor."""
+    return save_consolidated_shards(sd, directory) / "consolidated.00.pth"
+
+
+def norms_only(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """One rank of a model-parallel checkpoint: only the replicated tensors (the RMSNorm weights) are whole."""
+    return {k: v for k, v in meta_to_hf_llama(pair, src, dst).items() if k.endswith("norm.weight")}
+
+
 def save_pretrained(build: Callable[[], nn.Module]) -> Callable[[dict[str, torch.Tensor], Path], Path]:
     """transformers' own ``save_pretrained`` of the source (config.json + model.safetensors, tied keys dropped);
     the path given to keydiff is the folder."""
@@ -675,6 +686,9 @@ PAIRS += [
     Pair("meta_llama_2_layers_as_4", meta_llama, "transformers:LlamaForCausalLM", dict(HF_LLAMA, num_hidden_layers=4),
          meta_logits, hf_lm_logits, input_shape=(2, 8), save=save_consolidated, reference=meta_to_hf_llama,
          negative=True, tags=("llm",)),
+    Pair("meta_llama_one_shard_of_2", meta_llama, "transformers:LlamaForCausalLM", HF_LLAMA, meta_logits,
+         hf_lm_logits, input_shape=(2, 8), save=save_first_shard, reference=norms_only, negative=True,
+         tags=("llm",)),
     Pair("whisper_2_decoder_layers_as_3", whisper_model, "transformers:WhisperForConditionalGeneration",
          dict(HF_WHISPER, decoder_layers=3), whisper_logits, hf_whisper_logits, input_shape=(2, 16, 16),
          save=save_whisper, reference=whisper_to_hf, negative=True, tags=("speech",)),
@@ -699,6 +713,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "hf_t5_save_pretrained": ("1 tied weights (three keys share one tensor)",),
     "wav2vec2_legacy_weight_norm": ("2 weight normalisation",),
     "meta_llama_2_layers_as_4": ("negative: depth", "3 rotary layout"),
+    "meta_llama_one_shard_of_2": ("negative: one model-parallel rank of two (half of every split tensor)",),
     "whisper_2_decoder_layers_as_3": ("negative: decoder depth", "1 tied weights"),
 }
 """Issue 11's classes each pair exercises."""
