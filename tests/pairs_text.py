@@ -554,70 +554,6 @@ def folded_weight_norm(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
     return ref
 
 
-# --- EnCodec (the encodec package, legacy weight norm) -> transformers ---------------------------------------------
-
-HF_ENCODEC = dict(target_bandwidths=[1.5], sampling_rate=240, audio_channels=1, normalize=False, hidden_size=16,
-                  num_filters=4, num_residual_layers=1, upsampling_ratios=[2, 2], norm_type="weight_norm",
-                  use_causal_conv=True, codebook_size=1024, codebook_dim=16, num_lstm_layers=2, compress=2)
-"""1.5 kbps at 60 frames per second of 10-bit codes: 2 quantizers on both sides."""
-
-
-def encodec_model() -> nn.Module:
-    """The encodec package's 24 kHz model as ``EncodecModel._get_model`` builds it (causal, weight norm), tiny."""
-    import warnings
-
-    from encodec import modules, quantization
-    from encodec.model import EncodecModel
-
-    seanet = dict(channels=1, dimension=16, n_filters=4, ratios=[2, 2], norm="weight_norm", causal=True)
-    with warnings.catch_warnings():  # torch.nn.utils.weight_norm is deprecated: the package still uses it
-        warnings.simplefilter("ignore", FutureWarning)
-        encoder, decoder = modules.SEANetEncoder(**seanet), modules.SEANetDecoder(**seanet)
-    quantizer = quantization.ResidualVectorQuantizer(dimension=16, n_q=2, bins=1024)
-    return EncodecModel(encoder, decoder, quantizer, [1.5], 240, 1)
-
-
-def save_th(sd: dict[str, torch.Tensor], directory: Path) -> Path:
-    """The encodec package's release files: a plain state dict, ``torch.save``d under a ``.th`` name."""
-    path = directory / "encodec_tiny-00000000.th"
-    torch.save(sd, path)
-    return path
-
-
-def _stages(emb: torch.Tensor, quantized: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-    """The encoder's embedding, its quantized value and the decoded audio, each scaled to its own maximum: a wrong
-    codebook or a wrong decoder layer shows in its own stage, not only diluted in the audio."""
-    return torch.cat([t.flatten(1) / t.abs().max() for t in (emb, quantized, audio)], dim=1)
-
-
-def encodec_stages(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    emb = m.encoder(x)
-    quantized = m.quantizer.decode(m.quantizer.encode(emb, m.frame_rate, None))
-    return _stages(emb, quantized, m.decoder(quantized))
-
-
-def hf_encodec_stages(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    emb = m.encoder(x)
-    quantized = m.quantizer.decode(m.quantizer.encode(emb, None))
-    return _stages(emb, quantized, m.decoder(quantized))
-
-
-ENCODEC_TO_HF = [
-    (r"^(encoder|decoder)\.model\.(\d+)\.(conv\.conv|convtr\.convtr)\.", r"\1.layers.\2.conv."),
-    (r"^(encoder|decoder)\.model\.(\d+)\.(block\.\d+|shortcut)\.conv\.conv\.", r"\1.layers.\2.\3.conv."),
-    (r"^(encoder|decoder)\.model\.(\d+)\.lstm\.", r"\1.layers.\2.lstm."),
-    (r"^quantizer\.vq\.layers\.(\d+)\._codebook\.", r"quantizer.layers.\1.codebook."),
-]
-"""The renames of transformers' ``convert_encodec_checkpoint_to_pytorch.py`` (its table, as patterns)."""
-
-
-def encodec_to_hf(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
-    """``ENCODEC_TO_HF``, and the legacy ``weight_g``/``weight_v`` as the parametrization's original0/original1."""
-    ref = renamed(src.state_dict(), ENCODEC_TO_HF)
-    return {re.sub(r"weight_g$", "parametrizations.weight.original0",
-                   re.sub(r"weight_v$", "parametrizations.weight.original1", k)): v for k, v in ref.items()}
-
-
 # --- T5: one shared embedding, three tied keys ----------------------------------------------------------------------
 
 HF_T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
@@ -672,8 +608,6 @@ PAIRS = [
          hidden_states, input_shape=(2, 400), save=save_legacy_bin, reference=folded_weight_norm, tags=("speech",)),
     Pair("nanogpt_to_hf_gpt2_body", nanogpt, "transformers:GPT2Model", HF_GPT2, nanogpt_hidden, hf_hidden,
          input_shape=(2, 8), save=save_nanogpt, reference=gpt2_body, tags=("llm",)),
-    Pair("encodec_to_hf", encodec_model, "transformers:EncodecModel", HF_ENCODEC, encodec_stages, hf_encodec_stages,
-         input_shape=(2, 1, 240), save=save_th, reference=encodec_to_hf, tags=("audio codec",)),
     Pair("hf_t5_save_pretrained", hf_t5, "transformers:T5ForConditionalGeneration", HF_T5, t5_logits, t5_logits,
          input_shape=(2, 8), save=save_pretrained(hf_t5), reference=t5_tied, tags=("llm",)),
     Pair("wav2vec2_legacy_weight_norm", hf_wav2vec2, "transformers:Wav2Vec2Model", HF_WAV2VEC2, hidden_states,
@@ -709,7 +643,6 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "hf_esm_to_fair_esm": ("1 tied weights (one inv_freq for every layer, lm head)",),
     "wav2vec2_weight_norm_folded": ("2 weight normalisation (value op g * v / ||v||)",),
     "nanogpt_to_hf_gpt2_body": ("4 same name, other layout", "8 a subtree with no counterpart (lm_head)"),
-    "encodec_to_hf": ("2 weight normalisation (legacy names; a .th file)",),
     "hf_t5_save_pretrained": ("1 tied weights (three keys share one tensor)",),
     "wav2vec2_legacy_weight_norm": ("2 weight normalisation",),
     "meta_llama_2_layers_as_4": ("negative: depth", "3 rotary layout"),

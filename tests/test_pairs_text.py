@@ -42,7 +42,6 @@ FAILS_E2E = {
                           "LayerNorm.gamma/beta (transformers 5 saves the legacy names) left ambiguous",
     "wav2vec2_weight_norm_folded": "class 2: weight_g/weight_v into one plain weight needs the value op g * v / ||v||",
     "nanogpt_to_hf_gpt2_body": CONV1D_LAYOUT + " (exits 0, computes something else)",
-    "encodec_to_hf": "class 2: weight_g/weight_v vs parametrizations.weight.original0/original1 (60 keys unresolved)",
     "hf_t5_save_pretrained": TIED.format("encoder/decoder.embed_tokens.weight, lm_head.weight: shared.weight"),
     "wav2vec2_legacy_weight_norm": "class 2: weight_g/weight_v vs parametrizations.weight.original0/original1",
 }
