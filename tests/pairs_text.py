@@ -36,8 +36,10 @@ def ids(x: torch.Tensor, vocab: int = VOCAB, low: int = 0, length: int = 8) -> t
 
 # --- Meta's Llama <-> transformers -------------------------------------------------------------------------------
 
-LLAMA = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=16, norm_eps=1e-5)
-HF_LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+# the vocabulary is no multiple of a width, as in real models: a model-parallel shard's split dim then shows in its
+# sizes (with vocab = 2 * dim, one rank's [dim, dim] slice of `output` fits either split)
+LLAMA = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=72, multiple_of=16, norm_eps=1e-5)
+HF_LLAMA = dict(vocab_size=72, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=32, tie_word_embeddings=False,
                 pad_token_id=0, bos_token_id=0, eos_token_id=0)
 
@@ -98,14 +100,54 @@ def save_consolidated_shards(sd: dict[str, torch.Tensor], directory: Path, n: in
 
 
 def save_first_shard(sd: dict[str, torch.Tensor], directory: Path) -> Path:
-    """The 2-rank layout of ``save_consolidated_shards``, and keydiff given only ``consolidated.00.pth``: half of every
-    split tensor."""
-    return save_consolidated_shards(sd, directory) / "consolidated.00.pth"
+    """The 2-rank layout of ``save_consolidated_shards``, and only rank 0's ``consolidated.00.pth`` copied out
+    beside ``params.json`` (the other rank's file is not there to merge): half of every split tensor."""
+    ranks = directory / "all_ranks"
+    ranks.mkdir()
+    save_consolidated_shards(sd, ranks)
+    _params_json(directory)
+    return (ranks / "consolidated.00.pth").rename(directory / "consolidated.00.pth")
 
 
 def norms_only(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
     """One rank of a model-parallel checkpoint: only the replicated tensors (the RMSNorm weights) are whole."""
     return {k: v for k, v in meta_to_hf_llama(pair, src, dst).items() if k.endswith("norm.weight")}
+
+
+# Mistral's original release (mistral-inference): the same module names and interleaved rotary as Meta's reference,
+# one ``consolidated.safetensors`` (sorted keys: no registration order to read) beside ``params.json``.
+MISTRAL = dict(LLAMA, n_kv_heads=1, rope_theta=1e6)
+HF_MISTRAL = dict(HF_LLAMA, num_key_value_heads=1, head_dim=8, rope_theta=1e6, sliding_window=None)
+
+
+def mistral() -> nn.Module:
+    from text_models import meta_llama as build
+
+    return build(**MISTRAL)
+
+
+def save_mistral(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """mistral-inference's folder: ``params.json`` (with ``head_dim`` and ``hidden_dim``) and
+    ``consolidated.safetensors``; the path given to keydiff is the file."""
+    from safetensors.torch import save_file
+
+    params = dict(dim=32, n_layers=2, head_dim=8, hidden_dim=96, n_heads=4, n_kv_heads=1, norm_eps=1e-5,
+                  vocab_size=MISTRAL["vocab_size"], rope_theta=1e6)
+    (directory / "params.json").write_text(json.dumps(params))
+    path = directory / "consolidated.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+def mistral_to_hf(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """As ``meta_to_hf_llama`` (transformers' ``convert_mistral_weights_to_hf.py`` permutes the same way), k with
+    its single kv head."""
+    ref = renamed(src.state_dict(), META_TO_HF)
+    for k in ref:
+        if k.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = MISTRAL["n_heads"] if k.endswith("q_proj.weight") else MISTRAL["n_kv_heads"]
+            ref[k] = rotary_rows(ref[k], heads, to_half=True)
+    return ref
 
 
 def save_pretrained(build: Callable[[], nn.Module]) -> Callable[[dict[str, torch.Tensor], Path], Path]:
@@ -586,6 +628,8 @@ PAIRS = [
          hf_lm_logits, input_shape=(2, 8), save=save_consolidated_shards, reference=meta_to_hf_llama, tags=("llm",)),
     Pair("hf_llama_to_meta", hf_llama, "text_models:meta_llama", LLAMA, hf_lm_logits, meta_logits,
          input_shape=(2, 8), save=save_pretrained(hf_llama), reference=hf_to_meta_llama, tags=("llm",)),
+    Pair("mistral_consolidated_to_hf", mistral, "transformers:MistralForCausalLM", HF_MISTRAL, meta_logits,
+         hf_lm_logits, input_shape=(2, 8), save=save_mistral, reference=mistral_to_hf, tags=("llm",)),
     Pair("hf_gpt2_to_nanogpt", hf_gpt2, "text_models:nanogpt", NANOGPT, hf_lm_logits, nanogpt_logits,
          input_shape=(2, 8), save=save_pretrained(hf_gpt2), reference=gpt2_layout, tags=("llm",)),
     Pair("nanogpt_to_hf_gpt2", nanogpt, "transformers:GPT2LMHeadModel", HF_GPT2, nanogpt_logits, hf_lm_logits,
@@ -632,6 +676,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "meta_llama_to_hf": ("3 rotary layout",),
     "meta_llama_2shards_to_hf": ("3 rotary layout", "containers: consolidated shards"),
     "hf_llama_to_meta": ("3 rotary layout",),
+    "mistral_consolidated_to_hf": ("3 rotary layout (one kv head; safetensors: no order)",),
     "hf_gpt2_to_nanogpt": ("1 tied weights", "4 same name, other layout"),
     "nanogpt_to_hf_gpt2": ("4 same name, other layout",),
     "megatron_gpt_to_hf_gpt2": ("per-head q/k/v interleave", "4 same name, other layout", "1 tied weights",
