@@ -64,10 +64,13 @@ def hf_lm_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(input_ids=ids(x)).logits
 
 
-def _params_json(directory: Path) -> None:
+def _params_json(directory: Path, args: dict[str, Any] | None = None) -> None:
     from text_models import ModelArgs
 
-    fields = {k: v for k, v in asdict(ModelArgs(**LLAMA)).items() if k != "max_seq_len"}
+    fields = {k: v for k, v in asdict(ModelArgs(**(args or LLAMA))).items() if k != "max_seq_len"}
+    experts = {k: fields.pop(k) for k in ("num_experts", "num_experts_per_tok")}
+    if experts["num_experts"]:  # mistral-inference's MoeArgs
+        fields["moe"] = experts
     (directory / "params.json").write_text(json.dumps(fields))
 
 
@@ -147,6 +150,43 @@ def mistral_to_hf(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
         if k.endswith(("q_proj.weight", "k_proj.weight")):
             heads = MISTRAL["n_heads"] if k.endswith("q_proj.weight") else MISTRAL["n_kv_heads"]
             ref[k] = rotary_rows(ref[k], heads, to_half=True)
+    return ref
+
+
+# Mixtral as mistral-inference stores it: each expert's w1/w2/w3 under ``feed_forward.experts.E``, beside the
+# router ``feed_forward.gate``; transformers v5 packs the experts of a layer into 3-D tensors.
+MIXTRAL = dict(MISTRAL, n_kv_heads=2, num_experts=4, num_experts_per_tok=2)
+HF_MIXTRAL = dict(HF_LLAMA, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6, sliding_window=None)
+
+
+def mixtral() -> nn.Module:
+    from text_models import meta_llama as build
+
+    return build(**MIXTRAL)
+
+
+def save_consolidated_safetensors(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    from safetensors.torch import save_file
+
+    _params_json(directory, MIXTRAL)
+    path = directory / "consolidated.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+def mixtral_to_hf(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """``meta_to_hf_llama`` for attention and norms; per layer, ``mlp.gate`` is the router and the experts stack in
+    index order: ``gate_up_proj[e] = [w1; w3]``, ``down_proj[e] = w2`` (transformers' v5 MoE packing)."""
+    sd = src.state_dict()
+    ref = meta_to_hf_llama(pair, src, dst)
+    ref = {k: v for k, v in ref.items() if ".feed_forward." not in k and ".mlp." not in k}
+    for i in range(MIXTRAL["n_layers"]):
+        p, q = f"layers.{i}.feed_forward.", f"model.layers.{i}.mlp."
+        experts = range(MIXTRAL["num_experts"])
+        ref[q + "gate.weight"] = sd[p + "gate.weight"]
+        ref[q + "experts.gate_up_proj"] = torch.stack(
+            [torch.cat([sd[p + f"experts.{e}.w1.weight"], sd[p + f"experts.{e}.w3.weight"]]) for e in experts])
+        ref[q + "experts.down_proj"] = torch.stack([sd[p + f"experts.{e}.w2.weight"] for e in experts])
     return ref
 
 
@@ -630,6 +670,9 @@ PAIRS = [
          input_shape=(2, 8), save=save_pretrained(hf_llama), reference=hf_to_meta_llama, tags=("llm",)),
     Pair("mistral_consolidated_to_hf", mistral, "transformers:MistralForCausalLM", HF_MISTRAL, meta_logits,
          hf_lm_logits, input_shape=(2, 8), save=save_mistral, reference=mistral_to_hf, tags=("llm",)),
+    Pair("mixtral_consolidated_to_hf", mixtral, "transformers:MixtralForCausalLM", HF_MIXTRAL, meta_logits,
+         hf_lm_logits, input_shape=(2, 8), save=save_consolidated_safetensors, reference=mixtral_to_hf,
+         tags=("llm",)),
     Pair("hf_gpt2_to_nanogpt", hf_gpt2, "text_models:nanogpt", NANOGPT, hf_lm_logits, nanogpt_logits,
          input_shape=(2, 8), save=save_pretrained(hf_gpt2), reference=gpt2_layout, tags=("llm",)),
     Pair("nanogpt_to_hf_gpt2", nanogpt, "transformers:GPT2LMHeadModel", HF_GPT2, nanogpt_logits, hf_lm_logits,
@@ -677,6 +720,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "meta_llama_2shards_to_hf": ("3 rotary layout", "containers: consolidated shards"),
     "hf_llama_to_meta": ("3 rotary layout",),
     "mistral_consolidated_to_hf": ("3 rotary layout (one kv head; safetensors: no order)",),
+    "mixtral_consolidated_to_hf": ("3 rotary layout", "7 several tensors into one (experts stacked, w1/w3 fused)"),
     "hf_gpt2_to_nanogpt": ("1 tied weights", "4 same name, other layout"),
     "nanogpt_to_hf_gpt2": ("4 same name, other layout",),
     "megatron_gpt_to_hf_gpt2": ("per-head q/k/v interleave", "4 same name, other layout", "1 tied weights",

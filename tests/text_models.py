@@ -37,6 +37,9 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 32
+    num_experts: int = 0
+    """Mixtral (mistral-inference's ``MoeArgs``): experts per layer, 0 for a dense feed-forward."""
+    num_experts_per_tok: int = 2
 
 
 class RMSNorm(nn.Module):
@@ -120,11 +123,37 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class MoeLayer(nn.Module):
+    """mistral-inference's ``MoeLayer``: a linear ``gate`` scores the experts, each token goes to its top k, weighted
+    by the softmax of their scores."""
+
+    def __init__(self, experts: list[nn.Module], gate: nn.Module, num_experts_per_tok: int) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        self.gate = gate
+        self.num_experts_per_tok = num_experts_per_tok
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = x.reshape(-1, x.shape[-1])
+        weights, selected = torch.topk(self.gate(inputs), self.num_experts_per_tok)
+        weights = F.softmax(weights, dim=1, dtype=torch.float).to(inputs.dtype)
+        results = torch.zeros_like(inputs)
+        for i, expert in enumerate(self.experts):
+            batch_idx, nth_expert = torch.where(selected == i)
+            results[batch_idx] += weights[batch_idx, nth_expert, None] * expert(inputs[batch_idx])
+        return results.view_as(x)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
         super().__init__()
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
+        ffn = lambda: FeedForward(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)  # noqa: E731
+        if args.num_experts:
+            self.feed_forward = MoeLayer([ffn() for _ in range(args.num_experts)],
+                                         nn.Linear(args.dim, args.num_experts, bias=False), args.num_experts_per_tok)
+        else:
+            self.feed_forward = ffn()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
