@@ -165,7 +165,8 @@ def mixtral() -> nn.Module:
     return build(**MIXTRAL)
 
 
-def save_consolidated_safetensors(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+def save_mixtral(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """mistral-inference's folder: ``params.json`` (with ``moe``) and ``consolidated.safetensors`` (the file)."""
     from safetensors.torch import save_file
 
     _params_json(directory, MIXTRAL)
@@ -671,7 +672,7 @@ PAIRS = [
     Pair("mistral_consolidated_to_hf", mistral, "transformers:MistralForCausalLM", HF_MISTRAL, meta_logits,
          hf_lm_logits, input_shape=(2, 8), save=save_mistral, reference=mistral_to_hf, tags=("llm",)),
     Pair("mixtral_consolidated_to_hf", mixtral, "transformers:MixtralForCausalLM", HF_MIXTRAL, meta_logits,
-         hf_lm_logits, input_shape=(2, 8), save=save_consolidated_safetensors, reference=mixtral_to_hf,
+         hf_lm_logits, input_shape=(2, 8), save=save_mixtral, reference=mixtral_to_hf,
          tags=("llm",)),
     Pair("hf_gpt2_to_nanogpt", hf_gpt2, "text_models:nanogpt", NANOGPT, hf_lm_logits, nanogpt_logits,
          input_shape=(2, 8), save=save_pretrained(hf_gpt2), reference=gpt2_layout, tags=("llm",)),
