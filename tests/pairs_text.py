@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,8 +36,10 @@ def ids(x: torch.Tensor, vocab: int = VOCAB, low: int = 0, length: int = 8) -> t
 
 # --- Meta's Llama <-> transformers -------------------------------------------------------------------------------
 
-LLAMA = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=16, norm_eps=1e-5)
-HF_LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+# the vocabulary is no multiple of a width, as in real models: a model-parallel shard's split dim then shows in its
+# sizes (with vocab = 2 * dim, one rank's [dim, dim] slice of `output` fits either split)
+LLAMA = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=72, multiple_of=16, norm_eps=1e-5)
+HF_LLAMA = dict(vocab_size=72, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=32, tie_word_embeddings=False,
                 pad_token_id=0, bos_token_id=0, eos_token_id=0)
 
@@ -61,10 +64,13 @@ def hf_lm_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(input_ids=ids(x)).logits
 
 
-def _params_json(directory: Path) -> None:
+def _params_json(directory: Path, args: dict[str, Any] | None = None) -> None:
     from text_models import ModelArgs
 
-    fields = {k: v for k, v in asdict(ModelArgs(**LLAMA)).items() if k != "max_seq_len"}
+    fields = {k: v for k, v in asdict(ModelArgs(**(args or LLAMA))).items() if k != "max_seq_len"}
+    experts = {k: fields.pop(k) for k in ("num_experts", "num_experts_per_tok")}
+    if experts["num_experts"]:  # mistral-inference's MoeArgs
+        fields["moe"] = experts
     (directory / "params.json").write_text(json.dumps(fields))
 
 
@@ -94,6 +100,95 @@ def save_consolidated_shards(sd: dict[str, torch.Tensor], directory: Path, n: in
         shard["rope.freqs"] = freqs.clone()
         torch.save(shard, directory / f"consolidated.{rank:02d}.pth")
     return directory
+
+
+def save_first_shard(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """The 2-rank layout of ``save_consolidated_shards``, and only rank 0's ``consolidated.00.pth`` copied out
+    beside ``params.json`` (the other rank's file is not there to merge): half of every split tensor."""
+    ranks = directory / "all_ranks"
+    ranks.mkdir()
+    save_consolidated_shards(sd, ranks)
+    _params_json(directory)
+    return (ranks / "consolidated.00.pth").rename(directory / "consolidated.00.pth")
+
+
+def norms_only(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """One rank of a model-parallel checkpoint: only the replicated tensors (the RMSNorm weights) are whole."""
+    return {k: v for k, v in meta_to_hf_llama(pair, src, dst).items() if k.endswith("norm.weight")}
+
+
+# Mistral's original release (mistral-inference): the same module names and interleaved rotary as Meta's reference,
+# one ``consolidated.safetensors`` (sorted keys: no registration order to read) beside ``params.json``.
+MISTRAL = dict(LLAMA, n_kv_heads=1, rope_theta=1e6)
+HF_MISTRAL = dict(HF_LLAMA, num_key_value_heads=1, head_dim=8, rope_theta=1e6, sliding_window=None)
+
+
+def mistral() -> nn.Module:
+    from text_models import meta_llama as build
+
+    return build(**MISTRAL)
+
+
+def save_mistral(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """mistral-inference's folder: ``params.json`` (with ``head_dim`` and ``hidden_dim``) and
+    ``consolidated.safetensors``; the path given to keydiff is the file."""
+    from safetensors.torch import save_file
+
+    params = dict(dim=32, n_layers=2, head_dim=8, hidden_dim=96, n_heads=4, n_kv_heads=1, norm_eps=1e-5,
+                  vocab_size=MISTRAL["vocab_size"], rope_theta=1e6)
+    (directory / "params.json").write_text(json.dumps(params))
+    path = directory / "consolidated.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+def mistral_to_hf(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """As ``meta_to_hf_llama`` (transformers' ``convert_mistral_weights_to_hf.py`` permutes the same way), k with
+    its single kv head."""
+    ref = renamed(src.state_dict(), META_TO_HF)
+    for k in ref:
+        if k.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = MISTRAL["n_heads"] if k.endswith("q_proj.weight") else MISTRAL["n_kv_heads"]
+            ref[k] = rotary_rows(ref[k], heads, to_half=True)
+    return ref
+
+
+# Mixtral as mistral-inference stores it: each expert's w1/w2/w3 under ``feed_forward.experts.E``, beside the
+# router ``feed_forward.gate``; transformers v5 packs the experts of a layer into 3-D tensors.
+MIXTRAL = dict(MISTRAL, n_kv_heads=2, num_experts=4, num_experts_per_tok=2)
+HF_MIXTRAL = dict(HF_LLAMA, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6, sliding_window=None)
+
+
+def mixtral() -> nn.Module:
+    from text_models import meta_llama as build
+
+    return build(**MIXTRAL)
+
+
+def save_mixtral(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """mistral-inference's folder: ``params.json`` (with ``moe``) and ``consolidated.safetensors`` (the file)."""
+    from safetensors.torch import save_file
+
+    _params_json(directory, MIXTRAL)
+    path = directory / "consolidated.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+def mixtral_to_hf(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """``meta_to_hf_llama`` for attention and norms; per layer, ``mlp.gate`` is the router and the experts stack in
+    index order: ``gate_up_proj[e] = [w1; w3]``, ``down_proj[e] = w2`` (transformers' v5 MoE packing)."""
+    sd = src.state_dict()
+    ref = meta_to_hf_llama(pair, src, dst)
+    ref = {k: v for k, v in ref.items() if ".feed_forward." not in k and ".mlp." not in k}
+    for i in range(MIXTRAL["n_layers"]):
+        p, q = f"layers.{i}.feed_forward.", f"model.layers.{i}.mlp."
+        experts = range(MIXTRAL["num_experts"])
+        ref[q + "gate.weight"] = sd[p + "gate.weight"]
+        ref[q + "experts.gate_up_proj"] = torch.stack(
+            [torch.cat([sd[p + f"experts.{e}.w1.weight"], sd[p + f"experts.{e}.w3.weight"]]) for e in experts])
+        ref[q + "experts.down_proj"] = torch.stack([sd[p + f"experts.{e}.w2.weight"] for e in experts])
+    return ref
 
 
 def save_pretrained(build: Callable[[], nn.Module]) -> Callable[[dict[str, torch.Tensor], Path], Path]:
@@ -236,6 +331,79 @@ def gpt2_body(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
     its keys have no ``transformer.`` prefix."""
     ref = gpt2_layout(pair, src, dst)
     return {k.removeprefix("transformer."): v for k, v in ref.items() if k != "lm_head.weight"}
+
+
+# --- Megatron-LM GPT -> transformers GPT-2: per-head q/k/v interleave, Conv1D, tied head ------------------------------
+
+HF_GPT2_TANH = {k: v for k, v in HF_GPT2.items() if k != "activation_function"}  # gelu_new, Megatron's fused gelu
+
+
+def megatron_gpt() -> nn.Module:
+    from text_models import MegatronGPT
+
+    return MegatronGPT()
+
+
+def save_megatron(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """Megatron-LM's ``model_optim_rng.pt`` (one rank, ``iter_0001000/mp_rank_00/``): the model's
+    ``state_dict_for_save_checkpoint`` nests the embedding per module and keeps the encoder's keys flat. Real files
+    also carry the run's ``args`` (an argparse Namespace, pickled code): left out, so the file loads with
+    ``weights_only=True``."""
+    embedding: dict[str, Any] = {}
+    encoder = {}
+    for k, v in sd.items():
+        rest = k.removeprefix("language_model.")
+        if rest.startswith("embedding."):
+            module, name = rest.removeprefix("embedding.").split(".")
+            embedding.setdefault(module, {})[name] = v
+        else:
+            encoder[rest.removeprefix("encoder.")] = v
+    folder = directory / "iter_0001000" / "mp_rank_00"
+    folder.mkdir(parents=True)
+    path = folder / "model_optim_rng.pt"
+    torch.save({"model": {"language_model": {"embedding": embedding, "encoder": encoder}},
+                "checkpoint_version": 3.0, "iteration": 1000}, path)
+    return path
+
+
+def save_nemo_weights(sd: dict[str, torch.Tensor], directory: Path) -> Path:
+    """NeMo's Megatron GPT: ``model_weights.ckpt`` (inside the .nemo archive), one flat state dict of the same
+    modules under ``model.``."""
+    path = directory / "model_weights.ckpt"
+    torch.save({"model." + k: v for k, v in sd.items()}, path)
+    return path
+
+
+def megatron_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(ids(x))
+
+
+def megatron_to_gpt2(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:
+    """transformers' ``convert_megatron_gpt2_checkpoint.py``: ``query_key_value`` rows from per-head
+    ``[heads, 3, head_dim]`` to ``[3, heads, head_dim]`` (its ``fix_query_key_value_ordering``), then every linear
+    weight transposed into Conv1D's ``[in, out]``; ``lm_head`` is the word embedding."""
+    sd = src.state_dict()
+    heads = HF_GPT2["n_head"]
+    ref = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"language_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k)
+        if not m:
+            continue
+        i, module, kind = m.groups()
+        if module == "self_attention.query_key_value":
+            v = v.view(heads, 3, -1, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
+        if kind == "weight" and v.dim() == 2:
+            v = v.t().contiguous()
+        name = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
+                "self_attention.query_key_value": "attn.c_attn", "self_attention.dense": "attn.c_proj",
+                "mlp.dense_h_to_4h": "mlp.c_fc", "mlp.dense_4h_to_h": "mlp.c_proj"}[module]
+        ref[f"transformer.h.{i}.{name}.{kind}"] = v
+    wte = sd["language_model.embedding.word_embeddings.weight"]
+    ref |= {"transformer.wte.weight": wte, "lm_head.weight": wte,
+            "transformer.wpe.weight": sd["language_model.embedding.position_embeddings.weight"],
+            "transformer.ln_f.weight": sd["language_model.encoder.final_layernorm.weight"],
+            "transformer.ln_f.bias": sd["language_model.encoder.final_layernorm.bias"]}
+    return ref
 
 
 # --- openai-whisper -> transformers ----------------------------------------------------------------------------------
@@ -501,10 +669,20 @@ PAIRS = [
          hf_lm_logits, input_shape=(2, 8), save=save_consolidated_shards, reference=meta_to_hf_llama, tags=("llm",)),
     Pair("hf_llama_to_meta", hf_llama, "text_models:meta_llama", LLAMA, hf_lm_logits, meta_logits,
          input_shape=(2, 8), save=save_pretrained(hf_llama), reference=hf_to_meta_llama, tags=("llm",)),
+    Pair("mistral_consolidated_to_hf", mistral, "transformers:MistralForCausalLM", HF_MISTRAL, meta_logits,
+         hf_lm_logits, input_shape=(2, 8), save=save_mistral, reference=mistral_to_hf, tags=("llm",)),
+    Pair("mixtral_consolidated_to_hf", mixtral, "transformers:MixtralForCausalLM", HF_MIXTRAL, meta_logits,
+         hf_lm_logits, input_shape=(2, 8), save=save_mixtral, reference=mixtral_to_hf,
+         tags=("llm",)),
     Pair("hf_gpt2_to_nanogpt", hf_gpt2, "text_models:nanogpt", NANOGPT, hf_lm_logits, nanogpt_logits,
          input_shape=(2, 8), save=save_pretrained(hf_gpt2), reference=gpt2_layout, tags=("llm",)),
     Pair("nanogpt_to_hf_gpt2", nanogpt, "transformers:GPT2LMHeadModel", HF_GPT2, nanogpt_logits, hf_lm_logits,
          input_shape=(2, 8), save=save_nanogpt, reference=gpt2_layout, tags=("llm",)),
+    Pair("megatron_gpt_to_hf_gpt2", megatron_gpt, "transformers:GPT2LMHeadModel", HF_GPT2_TANH, megatron_logits,
+         hf_lm_logits, input_shape=(2, 8), save=save_megatron, reference=megatron_to_gpt2, tags=("llm",)),
+    Pair("nemo_megatron_gpt_to_hf_gpt2", megatron_gpt, "transformers:GPT2LMHeadModel", HF_GPT2_TANH,
+         megatron_logits, hf_lm_logits, input_shape=(2, 8), save=save_nemo_weights, reference=megatron_to_gpt2,
+         tags=("llm",)),
     Pair("whisper_to_hf", whisper_model, "transformers:WhisperForConditionalGeneration", HF_WHISPER, whisper_logits,
          hf_whisper_logits, input_shape=(2, 16, 16), save=save_whisper, reference=whisper_to_hf, tags=("speech",)),
     Pair("hf_whisper_to_openai", hf_whisper, "text_models:openai_whisper", WHISPER_DIMS, hf_whisper_logits,
@@ -524,12 +702,31 @@ PAIRS = [
          hidden_states, input_shape=(2, 400), save=save_legacy_bin, reference=same_names, tags=("speech",)),
 ]
 
+# Negative pairs: no complete correct mapping exists (the target is deeper than the checkpoint); they must end
+# unresolved (exit 1), every applied entry equal to the reference of the shared part.
+PAIRS += [
+    Pair("meta_llama_2_layers_as_4", meta_llama, "transformers:LlamaForCausalLM", dict(HF_LLAMA, num_hidden_layers=4),
+         meta_logits, hf_lm_logits, input_shape=(2, 8), save=save_consolidated, reference=meta_to_hf_llama,
+         negative=True, tags=("llm",)),
+    Pair("meta_llama_one_shard_of_2", meta_llama, "transformers:LlamaForCausalLM", HF_LLAMA, meta_logits,
+         hf_lm_logits, input_shape=(2, 8), save=save_first_shard, reference=norms_only, negative=True,
+         tags=("llm",)),
+    Pair("whisper_2_decoder_layers_as_3", whisper_model, "transformers:WhisperForConditionalGeneration",
+         dict(HF_WHISPER, decoder_layers=3), whisper_logits, hf_whisper_logits, input_shape=(2, 16, 16),
+         save=save_whisper, reference=whisper_to_hf, negative=True, tags=("speech",)),
+]
+
 CLASSES: dict[str, tuple[str, ...]] = {
     "meta_llama_to_hf": ("3 rotary layout",),
     "meta_llama_2shards_to_hf": ("3 rotary layout", "containers: consolidated shards"),
     "hf_llama_to_meta": ("3 rotary layout",),
+    "mistral_consolidated_to_hf": ("3 rotary layout (one kv head; safetensors: no order)",),
+    "mixtral_consolidated_to_hf": ("3 rotary layout", "7 several tensors into one (experts stacked, w1/w3 fused)"),
     "hf_gpt2_to_nanogpt": ("1 tied weights", "4 same name, other layout"),
     "nanogpt_to_hf_gpt2": ("4 same name, other layout",),
+    "megatron_gpt_to_hf_gpt2": ("per-head q/k/v interleave", "4 same name, other layout", "1 tied weights",
+                                "containers: nested dicts"),
+    "nemo_megatron_gpt_to_hf_gpt2": ("per-head q/k/v interleave", "4 same name, other layout", "1 tied weights"),
     "whisper_to_hf": ("1 tied weights",),
     "hf_whisper_to_openai": ("renames only (the tied proj_out has no counterpart)",),
     "esm2_to_hf": ("1 tied weights (per-layer inv_freq, lm head)",),
@@ -538,5 +735,8 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "nanogpt_to_hf_gpt2_body": ("4 same name, other layout", "8 a subtree with no counterpart (lm_head)"),
     "hf_t5_save_pretrained": ("1 tied weights (three keys share one tensor)",),
     "wav2vec2_legacy_weight_norm": ("2 weight normalisation",),
+    "meta_llama_2_layers_as_4": ("negative: depth", "3 rotary layout"),
+    "meta_llama_one_shard_of_2": ("negative: one model-parallel rank of two (half of every split tensor)",),
+    "whisper_2_decoder_layers_as_3": ("negative: decoder depth", "1 tied weights"),
 }
 """Issue 11's classes each pair exercises."""

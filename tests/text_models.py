@@ -37,6 +37,9 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 32
+    num_experts: int = 0
+    """Mixtral (mistral-inference's ``MoeArgs``): experts per layer, 0 for a dense feed-forward."""
+    num_experts_per_tok: int = 2
 
 
 class RMSNorm(nn.Module):
@@ -120,11 +123,37 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class MoeLayer(nn.Module):
+    """mistral-inference's ``MoeLayer``: a linear ``gate`` scores the experts, each token goes to its top k, weighted
+    by the softmax of their scores."""
+
+    def __init__(self, experts: list[nn.Module], gate: nn.Module, num_experts_per_tok: int) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        self.gate = gate
+        self.num_experts_per_tok = num_experts_per_tok
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = x.reshape(-1, x.shape[-1])
+        weights, selected = torch.topk(self.gate(inputs), self.num_experts_per_tok)
+        weights = F.softmax(weights, dim=1, dtype=torch.float).to(inputs.dtype)
+        results = torch.zeros_like(inputs)
+        for i, expert in enumerate(self.experts):
+            batch_idx, nth_expert = torch.where(selected == i)
+            results[batch_idx] += weights[batch_idx, nth_expert, None] * expert(inputs[batch_idx])
+        return results.view_as(x)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
         super().__init__()
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
+        ffn = lambda: FeedForward(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)  # noqa: E731
+        if args.num_experts:
+            self.feed_forward = MoeLayer([ffn() for _ in range(args.num_experts)],
+                                         nn.Linear(args.dim, args.num_experts, bias=False), args.num_experts_per_tok)
+        else:
+            self.feed_forward = ffn()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
@@ -310,3 +339,72 @@ def wav2vec2_folded(**config: object) -> nn.Module:
     model = Wav2Vec2Model(Wav2Vec2Config(**config))
     parametrize.remove_parametrizations(model.encoder.pos_conv_embed.conv, "weight", leave_parametrized=True)
     return model
+
+
+# --- Megatron-LM's GPT (legacy model code) ---------------------------------------------------------------------------
+
+
+class _MegatronAttention(nn.Module):
+    """``ParallelAttention`` on one rank: ``query_key_value`` produces, per head, that head's q, k and v side by side
+    (the ``[heads, 3, head_dim]`` row order of checkpoint version 2 and later)."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query_key_value = nn.Linear(hidden, 3 * hidden)
+        self.dense = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        mixed = self.query_key_value(x).view(b, s, self.heads, 3 * (h // self.heads))
+        q, k, v = mixed.chunk(3, dim=-1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.dense(y.transpose(1, 2).reshape(b, s, h))
+
+
+class _MegatronMLP(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(hidden, 4 * hidden)
+        self.dense_4h_to_h = nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Megatron's fused bias-gelu is the tanh approximation
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class _MegatronLayer(nn.Module):
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(hidden, eps=1e-5)
+        self.self_attention = _MegatronAttention(hidden, heads)
+        self.post_attention_layernorm = nn.LayerNorm(hidden, eps=1e-5)
+        self.mlp = _MegatronMLP(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MegatronGPT(nn.Module):
+    """Megatron-LM's ``GPTModel`` (legacy code path) on one rank:
+    ``language_model.embedding.{word,position}_embeddings``, ``language_model.encoder.layers.N...``,
+    ``language_model.encoder.final_layernorm``; the output layer is the word embedding (``parallel_lm_logits``)."""
+
+    def __init__(self, vocab: int = 64, positions: int = 16, hidden: int = 32, layers: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.language_model = nn.Module()
+        self.language_model.embedding = nn.Module()
+        self.language_model.embedding.word_embeddings = nn.Embedding(vocab, hidden)
+        self.language_model.embedding.position_embeddings = nn.Embedding(positions, hidden)
+        self.language_model.encoder = nn.Module()
+        self.language_model.encoder.layers = nn.ModuleList(_MegatronLayer(hidden, heads) for _ in range(layers))
+        self.language_model.encoder.final_layernorm = nn.LayerNorm(hidden, eps=1e-5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        emb = self.language_model.embedding
+        x = emb.word_embeddings(tokens) + emb.position_embeddings(torch.arange(tokens.shape[1]))
+        for layer in self.language_model.encoder.layers:
+            x = layer(x)
+        return self.language_model.encoder.final_layernorm(x) @ emb.word_embeddings.weight.t()
