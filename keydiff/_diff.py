@@ -25,6 +25,7 @@ from keydiff._model import keyset_of, read_model
 from keydiff._normalize import Prefix, find_prefix
 from keydiff._ops import Op
 from keydiff._patterns import Cluster, Unit, build_clusters, build_units, structural_order, template_of
+from keydiff._ties import fill_twins, hide_twins
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -416,7 +417,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
         ((to_model[r], info) for r, info in checkpoint.items_), origin=checkpoint.origin,
         order_is_evidence=checkpoint.order_is_evidence)
     src_rest = [to_model[r] for r in checkpoint if r not in used]
-    dst_rest = [k for k in model if k not in filled]
+    dst_rest, twin_of = hide_twins(model.ties, filled, [k for k in model if k not in filled])
     found = None
     if len(src_rest) + len(dst_rest) >= FOLD_MIN_KEYS:
         ahead = _folded_checkpoint if norm_keys is checkpoint and len(src_rest) == len(checkpoint) else None
@@ -427,6 +428,9 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     entries.extend(found[0])
     notes = found[1]
     entries = _transpose_convention(entries, norm_keys, to_model)
+    twins = fill_twins(entries, twin_of)
+    entries.extend(twins)
+    notes = [*notes, *_tie_notes(twins)]
     order_of = {k: i for i, k in enumerate(model)}
     entries.sort(key=lambda e: order_of[e.target])
     applied = tuple(e for e in entries if e.confidence >= min_confidence)
@@ -437,6 +441,16 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
                          non_tensor=non_tensor, notes=notes, depth_hint=depth_hint, classifier=classifier)
     return Diff(model=model, checkpoint=checkpoint, mapping=mapping, proposals=tuple(entries), diagnoses=diagnoses,
                 min_confidence=min_confidence, checkpoint_format=checkpoint_format, source=source)
+
+
+def _tie_notes(twins: list[Entry]) -> list[str]:
+    if not twins:
+        return []
+    shown = ", ".join(f"{e.target} = {e.evidence.note.rpartition('tied to ')[2].removesuffix(' in the model')}"
+                      for e in twins[:3])
+    more = f" and {len(twins) - 3} more" if len(twins) > 3 else ""
+    return [f"{len(twins)} model key{'s' if len(twins) > 1 else ''} tied to another in the model ({shown}{more}): "
+            "filled from the twin's checkpoint tensor, as the model shares it"]
 
 
 def _match(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_rest: list[str],
@@ -678,6 +692,9 @@ def _keymap(model: KeySet, checkpoint: KeySet, applied: tuple[Entry, ...], propo
     missing_keys = [k for k in model if k not in filled]
     unused_keys = [k for k in checkpoint if k not in used]
     pool = _Pool(unused_keys, checkpoint, prefix)
+    # a twin of a group left empty waits for the group's first empty key, whose own reason is the one that matters
+    tied = {k: anchor for group in model.ties for anchor in [next((t for t in group if t not in filled), "")]
+            for k in group if k not in filled and k != anchor}
     missing = []
     for k in missing_keys:
         shape = model[k].shape
@@ -687,6 +704,8 @@ def _keymap(model: KeySet, checkpoint: KeySet, applied: tuple[Entry, ...], propo
             why = f" ({e.evidence.note})" if e.evidence.note.startswith(("unproven", "ambiguous")) else ""
             reason = (f"proposed {', '.join(e.source)} with confidence {e.confidence:.2f}, below "
                       f"--min-confidence {min_confidence}{why}")
+        elif k in tied:
+            reason = f"tied to {tied[k]} in the model, which is unresolved: it is filled when that is"
         elif k in mismatched:
             reason = f"the checkpoint has this name with shape {list(mismatched[k])}, the model wants {list(shape)}"
         elif sum(c[1] for c in cands) >= 2:

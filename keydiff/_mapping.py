@@ -27,7 +27,7 @@ __all__ = ["SCHEMA", "VERSION", "Entry", "Evidence", "KeyMap", "Leftover", "Rule
 
 SCHEMA = "keydiff/mapping"
 VERSION = 1
-Method = Literal["exact", "prefix", "cluster", "order", "unique", "verified"]
+Method = Literal["exact", "prefix", "cluster", "order", "unique", "verified", "tied"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,7 +37,8 @@ class Evidence:
     method: str
     """``exact`` (same name), ``prefix`` (same name once a wrapper prefix is removed), ``cluster`` (names, shapes
     and index sets of whole clusters), ``order`` (shapes in structural order), ``unique`` (the only fitting pair),
-    ``verified`` (changed or added by running the source model and the converted target: ``keydiff --source``)."""
+    ``verified`` (changed or added by running the source model and the converted target: ``keydiff --source``),
+    ``tied`` (the model ties this key to another, whose source it shares)."""
     name_score: float = 1.0
     """Similarity of the canonical names, 0 to 1."""
     shape: str = "same"
@@ -279,6 +280,9 @@ class KeyMap:
             sources = tuple(p.target for p in parts)
             entries.append(_flip(parts[0], sources, key, op, tuple(p.target_shape for p in parts),
                                  parts[0].source_shapes[0]))
+        # a checkpoint tensor that fills several targets (a tie) comes back once, from the first
+        once = {e.target: e for e in reversed(entries)}
+        entries = [e for e in entries if once[e.target] is e]
         return KeyMap(entries=tuple(entries), unused=tuple(made_up), model=self.checkpoint, checkpoint=self.model)
 
     def to_json(self) -> dict[str, Any]:

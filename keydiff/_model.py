@@ -1,6 +1,6 @@
 """The model side: a timm name or a ``package.module:callable``, built on the meta device (nothing allocated,
 nothing downloaded), read as a ``KeySet`` of its state dict (persistent buffers included) that carries the model's
-dataflow (``keydiff._dataflow``: one forward pass on the meta device)."""
+dataflow (``keydiff._dataflow``: one forward pass on the meta device) and its tied keys (``keydiff._ties``)."""
 
 from __future__ import annotations
 
@@ -47,12 +47,13 @@ def keyset_of(state: Mapping[str, Any] | nn.Module, origin: str = "") -> KeySet:
     """
     if hasattr(state, "state_dict") and callable(state.state_dict):
         from keydiff._dataflow import meta_copy, trace_dataflow
+        from keydiff._ties import model_ties
 
         keys = _keys_of(state.state_dict(), origin)
         copy = meta_copy(state)
         flow = trace_dataflow(copy) if copy is not None else Dataflow.from_registration(
             keys, reason="not run: the module cannot be copied to the meta device")
-        return replace(keys, flow=flow)
+        return replace(keys, flow=flow, ties=model_ties(state, list(keys)))
     return _keys_of(state, origin)
 
 
@@ -143,8 +144,11 @@ def read_model(spec: str, model_args: Mapping[str, Any] | None = None) -> KeySet
     if not hasattr(model, "state_dict"):
         raise ModelError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     from keydiff._dataflow import trace_dataflow
+    from keydiff._ties import model_ties
 
-    keys = replace(_keys_of(model.state_dict(), spec), flow=trace_dataflow(model))  # the model is ours: it runs
+    keys = _keys_of(model.state_dict(), spec)
+    # the ties are read before the trace runs the model (ours: it may run)
+    keys = replace(keys, ties=model_ties(model, list(keys)), flow=trace_dataflow(model))
     if timm_name:
         from keydiff._cache import store_model_keys
 

@@ -37,6 +37,7 @@ LAYERS = [
     "keydiff._diagnose",
     "keydiff._match",
     "keydiff._fold",
+    "keydiff._ties",
     # reading inputs
     "keydiff._hub",
     "keydiff._sources",

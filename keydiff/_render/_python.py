@@ -19,6 +19,7 @@ import dataclasses
 import os
 import re
 import textwrap
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from keydiff._mapping import Entry, KeyMap, Rule, compress_rules
@@ -135,12 +136,14 @@ def emit_python(mapping: KeyMap, *, version: str = "") -> str:
                                                                  ("RENAMES", "RESHAPED", "TRANSPOSED", "FUSED",
                                                                   "SPLIT", "ZEROS", "SHAPES")}
     used_rules: set[int] = set()
+    # a tensor that fills several keys (a tie) is taken by the tables; so every entry of it must be in one
+    uses = Counter(k for e in entries for k in e.source)
     for e in entries:
         target, src = _str(e.target), [_str(k) for k in e.source]
         kind = e.op.kind
         if kind == "rename":
             routed = _route(e.source[0], compiled)
-            if routed != e.target:
+            if routed != e.target or uses[e.source[0]] > 1:
                 tables["RENAMES"].append((target, src[0]))
             else:
                 used_rules.update(i for i, (rx, _) in enumerate(compiled) if rx.match(e.source[0]))
