@@ -26,6 +26,7 @@ from keydiff._normalize import Prefix, find_prefix
 from keydiff._ops import Op
 from keydiff._patterns import Cluster, Unit, build_clusters, build_units, structural_order, template_of
 from keydiff._ties import fill_twins, hide_twins
+from keydiff._weightnorm import explain_refused, fold_entries, plan_weight_norm
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -394,6 +395,13 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
         to_raw = {n: raw for raw, n in to_model.items()}
     else:
         to_model = to_raw = {k: k for k in checkpoint}
+    hidden: frozenset[str] = frozenset()
+    weight_norm = plan_weight_norm(model, checkpoint, to_model)
+    if weight_norm is not None:
+        # the checkpoint's g/v pairs as the model names them, or folded into the plain weight the model has
+        hidden = weight_norm.hidden
+        to_model = {**to_model, **weight_norm.names}
+        to_raw = {n: raw for raw, n in to_model.items() if raw not in hidden}
     entries: list[Entry] = []
     mismatched: dict[str, tuple[int, ...]] = {}
     method = "prefix" if prefix.strip or prefix.add else "exact"
@@ -414,9 +422,9 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     filled = {e.target for e in entries}
     used = {e.source[0] for e in entries}
     norm_keys = checkpoint if to_model is to_raw else KeySet.from_items(
-        ((to_model[r], info) for r, info in checkpoint.items_), origin=checkpoint.origin,
+        ((to_model[r], info) for r, info in checkpoint.items_ if r not in hidden), origin=checkpoint.origin,
         order_is_evidence=checkpoint.order_is_evidence)
-    src_rest = [to_model[r] for r in checkpoint if r not in used]
+    src_rest = [to_model[r] for r in checkpoint if r not in used and r not in hidden]
     dst_rest, twin_of = hide_twins(model.ties, filled, [k for k in model if k not in filled])
     found = None
     if len(src_rest) + len(dst_rest) >= FOLD_MIN_KEYS:
@@ -428,6 +436,9 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     entries.extend(found[0])
     notes = found[1]
     entries = _transpose_convention(entries, norm_keys, to_model)
+    if weight_norm is not None:
+        entries = fold_entries(entries, weight_norm)
+        notes = [*notes, weight_norm.note] if weight_norm.note else notes
     twins = fill_twins(entries, twin_of)
     entries.extend(twins)
     notes = [*notes, *_tie_notes(twins)]
@@ -437,6 +448,8 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     mapping = _keymap(model, checkpoint, applied, entries, mismatched, prefix, container, min_confidence)
     if tower:
         mapping = _other_towers(mapping, tower, to_model)
+    if weight_norm is not None:
+        mapping = explain_refused(mapping, weight_norm)
     diagnoses = diagnose(model, checkpoint, mapping, prefix, container=container, alternatives=alternatives,
                          non_tensor=non_tensor, notes=notes, depth_hint=depth_hint, classifier=classifier)
     return Diff(model=model, checkpoint=checkpoint, mapping=mapping, proposals=tuple(entries), diagnoses=diagnoses,

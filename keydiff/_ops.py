@@ -6,12 +6,17 @@ back out of one. ``zeros`` has no source: it fills a tensor the checkpoint does 
 (the bias of a ``Linear`` whose weight came from a bare matrix used as ``x @ proj``, which has none); an entry
 with it always says why in its evidence.
 
+Two ops compute values, for weight normalisation (``w = g * v / ||v||``, the norm taken over every dimension but
+``dim``, the one ``g`` keeps): ``weight_norm`` makes the plain weight from its two sources ``(g, v)``, and ``norm``
+makes ``g = ||w||`` from a plain weight (with ``v = w`` beside it, an exact inverse: ``||w|| * w / ||w|| = w``).
+
 An op is a value: it describes itself, serialises to JSON, and applies to tensors. ``out_shape`` lets the planner
 know the result's shape before any tensor is read.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,10 +26,12 @@ from keydiff._errors import MappingFileError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["OP_KINDS", "Op", "OpKind"]
+__all__ = ["OP_KINDS", "Op", "OpKind", "weight_norm_fits"]
 
-OpKind = Literal["rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros"]
-OP_KINDS: tuple[str, ...] = ("rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros")
+OpKind = Literal["rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros", "weight_norm",
+                 "norm"]
+OP_KINDS: tuple[str, ...] = ("rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros",
+                             "weight_norm", "norm")
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 """Dtypes a ``zeros`` op may fill with."""
 
@@ -39,9 +46,10 @@ class Op:
     """
 
     kind: OpKind
-    """One of ``rename reshape transpose concat split stack unstack zeros``."""
+    """One of ``rename reshape transpose concat split stack unstack zeros weight_norm norm``."""
     dim: int = 0
-    """Dimension concatenated or split along (within each expert, for ``stack``/``unstack``)."""
+    """Dimension concatenated or split along (within each expert, for ``stack``/``unstack``); for ``weight_norm``
+    and ``norm``, the dimension the norm keeps (every other one is reduced)."""
     index: int = 0
     """For ``split`` and ``unstack``: which part this target is."""
     sizes: tuple[int, ...] = ()
@@ -62,6 +70,10 @@ class Op:
             return f"unstack expert {self.index // n}" + (f", part {self.index % n}" if n > 1 else "")
         if self.kind == "zeros":
             return "zeros (no source)"
+        if self.kind == "weight_norm":
+            return f"weight norm g * v / ||v|| (dim {self.dim})"
+        if self.kind == "norm":
+            return f"norm ||w|| (dim {self.dim})"
         return self.kind
 
     def apply(self, tensors: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
@@ -80,6 +92,12 @@ class Op:
             out = tensors[0][self.index // n].split(list(self.sizes), self.dim)[self.index % n]
         elif self.kind == "split":
             out = tensors[0].split(list(self.sizes), self.dim)[self.index]
+        elif self.kind == "weight_norm":
+            g, v = tensors
+            # torch's own order of operations (v * (g / ||v||)), so that the result matches its forward
+            out = v * (g / _norm_except(v, self.dim))
+        elif self.kind == "norm":
+            out = _norm_except(tensors[0], self.dim)
         elif self.kind == "transpose":
             out = tensors[0].t()
         else:
@@ -91,6 +109,8 @@ class Op:
         out: dict[str, Any] = {"kind": self.kind}
         if self.kind in ("concat", "split", "stack", "unstack"):
             out.update(dim=self.dim, sizes=list(self.sizes))
+        if self.kind in ("weight_norm", "norm"):
+            out["dim"] = self.dim
         if self.kind in ("split", "unstack"):
             out["index"] = self.index
         if self.kind == "zeros":
@@ -114,6 +134,29 @@ class Op:
         if data["kind"] == "zeros" and dtype not in _DTYPES:
             raise MappingFileError(f"{where}.dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
         return cls(kind=data["kind"], dim=dim, index=index, sizes=tuple(sizes), dtype=dtype)
+
+
+def weight_norm_fits(g: tuple[int, ...], v: tuple[int, ...], dim: int) -> bool:
+    """Whether ``g`` is the shape of ``v``'s norm over every dimension but ``dim`` (-1: over all of them; torch's
+    ``weight_norm(dim=None)``, whose ``g`` is a scalar).
+
+    Example:
+        >>> weight_norm_fits((8, 1, 1), (8, 4, 3), 0), weight_norm_fits((1, 1, 3), (8, 4, 3), 2)
+        (True, True)
+        >>> weight_norm_fits((4, 1, 1), (8, 4, 3), 0)
+        False
+    """
+    if dim == -1:
+        return math.prod(g) == 1
+    if not 0 <= dim < len(v) or len(g) != len(v):
+        return False
+    return all(n == (v[d] if d == dim else 1) for d, n in enumerate(g))
+
+
+def _norm_except(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 2-norm over every dimension of ``t`` but ``dim``, keeping all dimensions (the shape of ``g``)."""
+    dims = [d for d in range(t.dim()) if d != dim]
+    return t.norm(2, dim=dims, keepdim=True) if dims else t.abs()  # an empty dim list would reduce them all
 
 
 RENAME = Op(kind="rename")

@@ -38,6 +38,7 @@ LAYERS = [
     "keydiff._match",
     "keydiff._fold",
     "keydiff._ties",
+    "keydiff._weightnorm",
     # reading inputs
     "keydiff._hub",
     "keydiff._sources",
