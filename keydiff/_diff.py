@@ -25,6 +25,7 @@ from keydiff._model import keyset_of, read_model
 from keydiff._normalize import Prefix, find_prefix
 from keydiff._ops import Op
 from keydiff._patterns import Cluster, Unit, build_clusters, build_units, structural_order, template_of
+from keydiff._stacking import gather_pieces
 from keydiff._ties import fill_twins, hide_twins
 from keydiff._weightnorm import explain_refused, fold_entries, plan_weight_norm
 
@@ -426,6 +427,13 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
         order_is_evidence=checkpoint.order_is_evidence)
     src_rest = [to_model[r] for r in checkpoint if r not in used and r not in hidden]
     dst_rest, twin_of = hide_twins(model.ties, filled, [k for k in model if k not in filled])
+    gathered, gather_notes = gather_pieces(model, norm_keys, src_rest, dst_rest, to_raw)
+    if gathered:
+        # pieces and their whole are placed; the matcher would fill a one-row tensor from the first piece by order
+        entries.extend(gathered)
+        placed = {to_model[k] for e in gathered for k in e.source} | {e.target for e in gathered}
+        src_rest = [k for k in src_rest if k not in placed]
+        dst_rest = [k for k in dst_rest if k not in placed]
     found = None
     if len(src_rest) + len(dst_rest) >= FOLD_MIN_KEYS:
         ahead = _folded_checkpoint if norm_keys is checkpoint and len(src_rest) == len(checkpoint) else None
@@ -434,7 +442,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
         found = _match(norm_keys, model, src_rest, dst_rest, to_raw)
     found, tower = _one_tower(found, norm_keys, model, src_rest, dst_rest, to_model, to_raw, min_confidence)
     entries.extend(found[0])
-    notes = found[1]
+    notes = [*found[1], *gather_notes]
     entries = _transpose_convention(entries, norm_keys, to_model)
     if weight_norm is not None:
         entries = fold_entries(entries, weight_norm)

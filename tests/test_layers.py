@@ -39,6 +39,7 @@ LAYERS = [
     "keydiff._fold",
     "keydiff._ties",
     "keydiff._weightnorm",
+    "keydiff._stacking",
     # reading inputs
     "keydiff._hub",
     "keydiff._sources",
