@@ -26,7 +26,7 @@ from keydiff._normalize import Prefix, find_prefix
 from keydiff._ops import Op
 from keydiff._patterns import Cluster, Unit, build_clusters, build_units, structural_order, template_of
 from keydiff._stacking import gather_pieces
-from keydiff._ties import fill_twins, hide_twins
+from keydiff._ties import explain_copies, explain_held, fill_twins, hide_twins, one_of_copies
 from keydiff._weightnorm import explain_refused, fold_entries, plan_weight_norm
 
 if TYPE_CHECKING:
@@ -428,10 +428,13 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     src_rest = [to_model[r] for r in checkpoint if r not in used and r not in hidden]
     dst_rest, twin_of = hide_twins(model.ties, filled, [k for k in model if k not in filled])
     gathered, gather_notes = gather_pieces(model, norm_keys, src_rest, dst_rest, to_raw)
-    if gathered:
-        # pieces and their whole are placed; the matcher would fill a one-row tensor from the first piece by order
-        entries.extend(gathered)
-        placed = {to_model[k] for e in gathered for k in e.source} | {e.target for e in gathered}
+    copied, copies, held = one_of_copies(model, norm_keys, src_rest, dst_rest, to_raw, getattr(source, "tensor", None))
+    if gathered or copied or held:
+        # pieces and their whole, or copies and their one tensor, are placed; the matcher's order step would fill a
+        # one-row tensor from the first piece, or the one tensor from any copy, equal or not
+        entries.extend([*gathered, *copied])
+        placed = {to_model[k] for e in [*gathered, *copied] for k in e.source} | {e.target for e in gathered}
+        placed |= {e.target for e in copied} | set(held) | {to_model[k] for k in copies}
         src_rest = [k for k in src_rest if k not in placed]
         dst_rest = [k for k in dst_rest if k not in placed]
     found = None
@@ -458,6 +461,7 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
         mapping = _other_towers(mapping, tower, to_model)
     if weight_norm is not None:
         mapping = explain_refused(mapping, weight_norm)
+    mapping = explain_held(explain_copies(mapping, copies), held)
     diagnoses = diagnose(model, checkpoint, mapping, prefix, container=container, alternatives=alternatives,
                          non_tensor=non_tensor, notes=notes, depth_hint=depth_hint, classifier=classifier)
     return Diff(model=model, checkpoint=checkpoint, mapping=mapping, proposals=tuple(entries), diagnoses=diagnoses,

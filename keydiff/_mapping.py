@@ -105,7 +105,9 @@ class Leftover:
     """The nearest keys on the other side, best first."""
     kind: str = ""
     """Of an unused checkpoint tensor, what it is: ``head``, ``tower``, ``buffer``, ``training`` (expected: the
-    model has no place for it) or ``depth``, ``weak``, ``shape``, ``unexplained`` (it should have gone somewhere)."""
+    model has no place for it), ``copy`` (equal, values read, to a tensor the mapping uses: the checkpoint stores the
+    model's one tensor once per layer) or ``depth``, ``weak``, ``shape``, ``unexplained`` (it should have gone
+    somewhere)."""
 
     @property
     def explained(self) -> bool:
@@ -120,7 +122,7 @@ class Leftover:
         return out
 
 
-EXPECTED_UNUSED = frozenset({"head", "tower", "buffer", "training"})
+EXPECTED_UNUSED = frozenset({"head", "tower", "buffer", "training", "copy"})
 """Kinds of unused checkpoint tensors that a correct conversion leaves behind."""
 
 

@@ -163,3 +163,56 @@ def test_a_twin_whose_anchor_has_no_source_stays_missing_and_says_why(saved_gpt2
     assert set(missing) == {"transformer.wte.weight", "lm_head.weight"}
     assert missing["lm_head.weight"].startswith("tied to transformer.wte.weight in the model, which is unresolved")
     assert not any(e.target in missing for e in d.proposals)
+
+
+def _esm2() -> nn.Module:
+    import esm
+
+    return esm.model.esm2.ESM2(num_layers=2, embed_dim=32, attention_heads=4, alphabet="ESM-1b", token_dropout=False)
+
+
+def shared_rotary_esm2() -> nn.Module:
+    """fair-esm's ESM-2 with one rotary module for every layer, kept once in the state dict (``rot_emb.inv_freq``);
+    ESM-2 keeps a copy in each attention layer."""
+    m = _esm2()
+    shared = m.layers[0].self_attn.rot_emb
+    for layer in m.layers:
+        del layer.self_attn._modules["rot_emb"]
+        object.__setattr__(layer.self_attn, "rot_emb", shared)  # used, not registered: one key, at the top
+    m.rot_emb = shared
+    return m
+
+
+def _esm_checkpoint(tmp_path, *, equal: bool) -> tuple[nn.Module, str]:
+    src = randomise(_esm2())
+    if equal:  # random, and the same in every layer, as a rotary table is
+        with torch.no_grad():
+            for layer in src.layers[1:]:
+                layer.self_attn.rot_emb.inv_freq.copy_(src.layers[0].self_attn.rot_emb.inv_freq)
+    path = tmp_path / "esm2.pt"
+    torch.save({k: v.contiguous() for k, v in src.state_dict().items()}, path)  # as fair-esm saves: torch.save
+    return src, str(path)
+
+
+def test_equal_per_layer_copies_are_one_source(tmp_path):
+    src, ckpt = _esm_checkpoint(tmp_path, equal=True)
+    dst = shared_rotary_esm2()
+    d = keydiff.diff(dst, ckpt)
+    assert d.ok, d.problem
+    (e,) = [e for e in d.mapping.entries if e.target == "rot_emb.inv_freq"]
+    assert e.source == ("layers.0.self_attn.rot_emb.inv_freq",) and "read and equal" in e.evidence.note
+    (copy,) = [u for u in d.mapping.unused if "inv_freq" in u.key]
+    assert copy.key == "layers.1.self_attn.rot_emb.inv_freq" and copy.kind == "copy" and copy.explained
+    dst.load_state_dict(d.apply(), strict=True)
+    toks = torch.randint(4, 24, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dst(toks)["logits"], src(toks)["logits"])
+
+
+def test_per_layer_copies_that_differ_fill_nothing(tmp_path):
+    _, ckpt = _esm_checkpoint(tmp_path, equal=False)
+    d = keydiff.diff(shared_rotary_esm2(), ckpt)
+    assert not d.ok
+    (m,) = d.mapping.missing
+    assert m.key == "rot_emb.inv_freq" and "whose values differ" in m.reason
+    assert not any(e.target == "rot_emb.inv_freq" for e in d.proposals)
