@@ -27,7 +27,7 @@ from keydiff._ops import Op
 from keydiff._patterns import Cluster, Unit, build_clusters, build_units, structural_order, template_of
 from keydiff._stacking import gather_pieces
 from keydiff._ties import explain_copies, explain_held, fill_twins, hide_twins, one_of_copies
-from keydiff._weightnorm import explain_refused, fold_entries, plan_weight_norm
+from keydiff._weightnorm import explain_refused, fold_entries, plan_weight_norm, split_plain
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -429,6 +429,8 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     dst_rest, twin_of = hide_twins(model.ties, filled, [k for k in model if k not in filled])
     gathered, gather_notes = gather_pieces(model, norm_keys, src_rest, dst_rest, to_raw)
     copied, copies, held = one_of_copies(model, norm_keys, src_rest, dst_rest, to_raw, getattr(source, "tensor", None))
+    split = split_plain(model, norm_keys, src_rest, dst_rest, to_raw)
+    gathered += split
     if gathered or copied or held:
         # pieces and their whole, or copies and their one tensor, are placed; the matcher's order step would fill a
         # one-row tensor from the first piece, or the one tensor from any copy, equal or not

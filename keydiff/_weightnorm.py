@@ -13,6 +13,10 @@ the one ``g`` keeps), under the legacy names ``weight_g``/``weight_v`` or the pa
 
 The dimension the norm keeps is read off the shapes: the one dimension where ``g`` is not 1 (0 for a conv's output
 channels; wav2vec2's positional conv keeps dim 2); a scalar ``g`` is the norm of the whole tensor (-1).
+
+The other way, a plain weight into a model that normalises it (``split_plain``), has no unique answer: any ``g``
+with ``v`` scaled to match gives the same weight. ``g = ||w||`` and ``v = w`` is exact (``||w|| * w / ||w|| = w``);
+it is proposed only where the checkpoint holds the plain weight under the model's own module name.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ from dataclasses import dataclass, field, replace
 
 from keydiff._conventions import weight_norm_key, weight_norm_part
 from keydiff._keys import KeySet
-from keydiff._mapping import Entry, KeyMap
+from keydiff._mapping import Entry, Evidence, KeyMap
 from keydiff._ops import Op, weight_norm_fits
 
-__all__ = ["WeightNormPlan", "explain_refused", "fold_entries", "plan_weight_norm", "weight_norm_dim"]
+__all__ = ["WeightNormPlan", "explain_refused", "fold_entries", "plan_weight_norm", "split_plain", "weight_norm_dim"]
 
 
 def weight_norm_dim(g: tuple[int, ...], v: tuple[int, ...]) -> int | None:
@@ -165,3 +169,43 @@ def explain_refused(mapping: KeyMap, plan: WeightNormPlan) -> KeyMap:
     unused = tuple(replace(u, reason=plan.refused[u.key], kind="unexplained") if u.key in plan.refused else u
                    for u in mapping.unused)
     return replace(mapping, unused=unused)
+
+
+def split_plain(model: KeySet, checkpoint: KeySet, src_rest: Sequence[str], dst_rest: Sequence[str],
+                to_raw: Mapping[str, str]) -> list[Entry]:
+    """Entries that make a model's weight-normalised pair ``(g, v)`` from the checkpoint's plain weight of the same
+    module (``g = ||w||``, op ``norm``; ``v = w``), among keys no name matched.
+
+    Example:
+        >>> from keydiff._keys import TensorInfo
+        >>> f = lambda *shape: TensorInfo(shape, "float32")
+        >>> model = KeySet.from_items([("c.weight_g", f(4, 1)), ("c.weight_v", f(4, 3))])
+        >>> ckpt = KeySet.from_items([("c.weight", f(4, 3))])
+        >>> entries = split_plain(model, ckpt, ["c.weight"], list(model), {"c.weight": "c.weight"})
+        >>> [(e.target, e.op.kind) for e in entries]
+        [('c.weight_g', 'norm'), ('c.weight_v', 'rename')]
+    """
+    left = set(src_rest)
+    parts: dict[tuple[str, str, str], dict[str, str]] = {}
+    for k in dst_rest:
+        part = weight_norm_part(k)
+        if part is not None:
+            parts.setdefault((part[0], part[1], part[3]), {})[part[2]] = k
+    out = []
+    for (module, name, _), pair in sorted(parts.items()):
+        plain = weight_norm_key(module, name, "", "")
+        if len(pair) != 2 or plain not in left:
+            continue
+        g, v, w = model[pair["g"]].shape, model[pair["v"]].shape, checkpoint[plain].shape
+        dim = weight_norm_dim(g, v)
+        if dim is None or w != v:
+            continue
+        note = (f"plain weight into weight norm: g = ||w|| (every dimension but {dim}) and v = w, exact (g * v / ||v|| "
+                "= w); the split into g and v is not unique, this is one")
+        evidence = Evidence(method="convention", shape="weight_norm", note=note)
+        source = (to_raw[plain],)
+        out.append(Entry(source=source, target=pair["g"], op=Op(kind="norm", dim=dim), confidence=0.95,
+                         evidence=evidence, source_shapes=(w,), target_shape=g))
+        out.append(Entry(source=source, target=pair["v"], op=Op(kind="rename"), confidence=0.95, evidence=evidence,
+                         source_shapes=(w,), target_shape=v))
+    return out

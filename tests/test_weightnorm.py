@@ -217,3 +217,23 @@ def test_a_weight_norm_entry_with_a_g_that_does_not_fit_is_a_malformed_mapping()
                   evidence=Evidence(method="exact"), source_shapes=((3, 1), (4, 2)), target_shape=(4, 2))
     with pytest.raises(MappingFileError, match="cannot turn shapes"):
         KeyMap.from_json(json.loads(KeyMap(entries=(entry,)).dumps()))
+
+
+def test_plain_weight_into_the_parametrization_is_split_exactly(tmp_path):
+    src = randomise(plain_wav2vec2())
+    path = tmp_path / "plain.safetensors"
+    save_file({k: v.detach().clone().contiguous() for k, v in src.state_dict().items()}, str(path))
+    d = keydiff.diff(wav2vec2(), str(path))
+    assert d.ok, d.problem
+    by_target = {e.target: e for e in d.mapping.entries}
+    g = by_target["encoder.pos_conv_embed.conv.parametrizations.weight.original0"]
+    v = by_target["encoder.pos_conv_embed.conv.parametrizations.weight.original1"]
+    assert g.source == v.source == ("encoder.pos_conv_embed.conv.weight",)
+    assert g.op == Op(kind="norm", dim=2) and v.op.kind == "rename" and "not unique" in g.evidence.note
+    namespace: dict = {}
+    exec(d.to_python(), namespace)
+    for sd in (d.apply(), namespace["checkpoint_filter_fn"](load_file(str(path)))):
+        dst = wav2vec2()
+        dst.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(dst(_audio()).last_hidden_state, src(_audio()).last_hidden_state)
