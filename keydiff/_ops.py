@@ -94,8 +94,8 @@ class Op:
             out = tensors[0].split(list(self.sizes), self.dim)[self.index]
         elif self.kind == "weight_norm":
             g, v = tensors
-            # torch's own order of operations (v * (g / ||v||)), so that the result matches its forward
-            out = v * (g / _norm_except(v, self.dim))
+            # torch's own kernel: bit for bit what its weight-norm forward and remove_weight_norm compute
+            out = torch._weight_norm(v, g, self.dim)
         elif self.kind == "norm":
             out = _norm_except(tensors[0], self.dim)
         elif self.kind == "transpose":

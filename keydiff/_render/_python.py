@@ -260,7 +260,7 @@ def _function(mapping: KeyMap, rules: bool, tables: dict, dropped: bool) -> list
         name = ["    return ADD_PREFIX + key"] if unwrap.add_prefix else []
     if name:
         out += ["def _name(key: str) -> str:", *name, "", ""]
-    if tables["WEIGHT_NORM"] or tables["NORMS"]:
+    if tables["NORMS"]:
         out += ["def _norm_except(t: torch.Tensor, dim: int) -> torch.Tensor:",
                 '    """The 2-norm over every dim of ``t`` but ``dim`` (-1: all of them), keeping the dims."""',
                 "    dims = [d for d in range(t.dim()) if d != dim]",
@@ -314,8 +314,8 @@ _BODY = {
               "        out[target] = state_dict[source].split(list(sizes), dim)[part]",
               "        taken.add(source)"],
     "WEIGHT_NORM": ["    for target, ((g, v), dim) in WEIGHT_NORM.items():",
-                    "        norm = _norm_except(state_dict[v], dim)",
-                    "        out[target] = state_dict[v] * (state_dict[g] / norm)",
+                    "        # torch's kernel: what its weight-norm forward and remove_weight_norm compute",
+                    "        out[target] = torch._weight_norm(state_dict[v], state_dict[g], dim)",
                     "        taken.update((g, v))"],
     "NORMS": ["    for target, (source, dim) in NORMS.items():",
               "        out[target] = _norm_except(state_dict[source], dim)",
