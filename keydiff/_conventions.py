@@ -138,12 +138,18 @@ def split_leaf(key: str) -> tuple[str, str]:
     """Split a key into its module path and canonical parameter name.
 
     A bare parameter (``cls_token``, ``ls1``, ``layer_scale``) is a module of its own whose one parameter is a
-    weight; ``in_proj_weight`` is the weight of ``in_proj``.
+    weight; ``in_proj_weight`` is the weight of ``in_proj``; a weight-norm parametrization's
+    ``parametrizations.weight.original0``/``original1`` are its module's ``weight_g``/``weight_v``.
 
     Example:
         >>> split_leaf("blocks.0.attn.qkv.bias"), split_leaf("attn.in_proj_weight"), split_leaf("cls_token")
         (('blocks.0.attn.qkv', 'bias'), ('attn.in_proj', 'weight'), ('cls_token', 'weight'))
+        >>> split_leaf("conv.parametrizations.weight.original1"), split_leaf("conv.weight_v")
+        (('conv', 'weight_v'), ('conv', 'weight_v'))
     """
+    m = _PARAM_PART.fullmatch(key)
+    if m and m.group(1):  # a weight-norm parametrization's g and v are leaves of their module, as legacy names are
+        return m.group(1), f"{m.group(2)}_{'gv'[int(m.group(3))]}"
     head, _, last = key.rpartition(".")
     if last in LEAVES and head:
         return head, LEAVES[last]
