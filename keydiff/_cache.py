@@ -1,8 +1,8 @@
 """A cache of model key sets, so that diagnosing against the same timm model again imports neither torch nor timm.
 
-One JSON file per model: its keys, shapes and dtypes in state-dict order, its dataflow (``keydiff._dataflow``: a
-forward pass traced on the meta device, part of what makes a first build slow) and its layout (``keydiff._layouts``),
-named by a hash of the model name,
+One JSON file per model: its keys, shapes and dtypes in state-dict order, its tied keys, its dataflow
+(``keydiff._dataflow``: a forward pass traced on the meta device, part of what makes a first build slow) and its
+layout (``keydiff._layouts``), named by a hash of the model name,
 its arguments and the versions of timm, torch and keydiff (any upgrade is a new entry). Files live in
 ``$KEYDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/keydiff``, else ``~/.cache/keydiff``; ``KEYDIFF_NO_CACHE=1`` turns the
 cache off. Only timm names are cached: a ``module:callable`` is user code that can change under the same name.
@@ -28,7 +28,7 @@ from keydiff._keys import Dataflow, KeySet, Layout, TensorInfo
 __all__ = ["cache_dir", "cache_path", "load_model_keys", "store_model_keys"]
 
 _SCHEMA = "keydiff/model-keys"
-_VERSION = 3  # 2: the dataflow; 3: the layout
+_VERSION = 4  # 2: the dataflow; 3: the layout; 4: the tied keys
 
 
 def cache_dir() -> Path | None:
@@ -88,9 +88,13 @@ def load_model_keys(spec: str, model_args: Mapping[str, Any]) -> KeySet | None:
         items = [(str(k), TensorInfo(tuple(int(d) for d in shape), str(dtype))) for k, shape, dtype in doc["keys"]]
         flow = _flow_from_json(doc["flow"], [k for k, _ in items])
         layout = _layout_from_json(doc["layout"], [k for k, _ in items])
+        known = {k for k, _ in items}
+        ties = tuple(tuple(str(k) for k in group) for group in doc["ties"])
+        if not all(len(group) > 1 and set(group) <= known for group in ties):
+            return None  # ties of other keys: rebuilt
     except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
         return None  # absent, or corrupt: rebuilt and rewritten by the caller
-    keys = KeySet.from_items(items, origin=spec, order_is_evidence=True, flow=flow)
+    keys = KeySet.from_items(items, origin=spec, order_is_evidence=True, flow=flow, ties=ties)
     return keys if layout is None else replace(keys, layout=layout)
 
 
@@ -101,7 +105,7 @@ def store_model_keys(spec: str, model_args: Mapping[str, Any], keys: KeySet) -> 
         return None
     doc = {"schema": _SCHEMA, "version": _VERSION, "id": _identity(spec, model_args),
            "keys": [[k, list(info.shape), info.dtype] for k, info in keys.items()], "flow": _flow_to_json(keys),
-           "layout": _layout_to_json(keys)}
+           "layout": _layout_to_json(keys), "ties": [list(group) for group in keys.ties]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

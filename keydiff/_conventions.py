@@ -19,6 +19,8 @@ __all__ = [
     "ROTARY_VOCABULARIES",
     "canonical_token",
     "split_leaf",
+    "weight_norm_key",
+    "weight_norm_part",
 ]
 
 # Tokens that carry a repeat index when digits are glued to them (``encoder_layer_3``, ``layer1``, ``blocks3``).
@@ -149,12 +151,18 @@ def split_leaf(key: str) -> tuple[str, str]:
     """Split a key into its module path and canonical parameter name.
 
     A bare parameter (``cls_token``, ``ls1``, ``layer_scale``) is a module of its own whose one parameter is a
-    weight; ``in_proj_weight`` is the weight of ``in_proj``.
+    weight; ``in_proj_weight`` is the weight of ``in_proj``; a weight-norm parametrization's
+    ``parametrizations.weight.original0``/``original1`` are its module's ``weight_g``/``weight_v``.
 
     Example:
         >>> split_leaf("blocks.0.attn.qkv.bias"), split_leaf("attn.in_proj_weight"), split_leaf("cls_token")
         (('blocks.0.attn.qkv', 'bias'), ('attn.in_proj', 'weight'), ('cls_token', 'weight'))
+        >>> split_leaf("conv.parametrizations.weight.original1"), split_leaf("conv.weight_v")
+        (('conv', 'weight_v'), ('conv', 'weight_v'))
     """
+    m = _PARAM_PART.fullmatch(key)
+    if m and m.group(1):  # a weight-norm parametrization's g and v are leaves of their module, as legacy names are
+        return m.group(1), f"{m.group(2)}_{'gv'[int(m.group(3))]}"
     head, _, last = key.rpartition(".")
     if last in LEAVES and head:
         return head, LEAVES[last]
@@ -162,3 +170,44 @@ def split_leaf(key: str) -> tuple[str, str]:
     if m:
         return (f"{head}.{m.group(1)}" if head else m.group(1)), m.group(2)
     return key, "weight"
+
+
+# Weight normalisation keeps a weight as ``g`` (its norm over every dimension but one) and ``v`` (its direction).
+# torch names the pair two ways: the legacy hook (``torch.nn.utils.weight_norm``) as ``{name}_g``/``{name}_v`` beside
+# the module's other tensors, the parametrization (``torch.nn.utils.parametrizations.weight_norm``) as
+# ``parametrizations.{name}.original0``/``original1``, g then v.
+WEIGHT_NORM_FORMS = ("legacy", "parametrizations")
+_LEGACY_PART = re.compile(r"(?:(.*)\.)?([A-Za-z_]\w*)_([gv])")
+_PARAM_PART = re.compile(r"(?:(.*)\.)?parametrizations\.([A-Za-z_]\w*)\.original([01])")
+
+
+def weight_norm_part(key: str) -> tuple[str, str, str, str] | None:
+    """``(module, tensor name, part g or v, form)`` of a weight-normalised tensor's key, else None.
+
+    Example:
+        >>> weight_norm_part("conv.weight_g"), weight_norm_part("conv.parametrizations.weight.original1")
+        (('conv', 'weight', 'g', 'legacy'), ('conv', 'weight', 'v', 'parametrizations'))
+    """
+    m = _PARAM_PART.fullmatch(key)
+    if m:
+        return m.group(1) or "", m.group(2), "gv"[int(m.group(3))], "parametrizations"
+    m = _LEGACY_PART.fullmatch(key)
+    if m:
+        return m.group(1) or "", m.group(2), m.group(3), "legacy"
+    return None
+
+
+def weight_norm_key(module: str, name: str, part: str, form: str) -> str:
+    """The key of part ``g`` or ``v`` of a weight-normalised tensor in the given form (``weight_norm_part``'s
+    inverse); ``part`` empty: the plain tensor.
+
+    Example:
+        >>> weight_norm_key("conv", "weight", "g", "parametrizations"), weight_norm_key("conv", "weight", "", "")
+        ('conv.parametrizations.weight.original0', 'conv.weight')
+    """
+    head = f"{module}." if module else ""
+    if not part:
+        return f"{head}{name}"
+    if form == "legacy":
+        return f"{head}{name}_{part}"
+    return f"{head}parametrizations.{name}.original{'gv'.index(part)}"

@@ -35,6 +35,9 @@ from keydiff._model import keyset_of, read_model
 from keydiff._normalize import Prefix, find_prefix
 from keydiff._ops import Op
 from keydiff._patterns import Cluster, Unit, build_clusters, build_units, structural_order, template_of
+from keydiff._stacking import gather_pieces
+from keydiff._ties import explain_copies, explain_held, fill_twins, hide_twins, one_of_copies
+from keydiff._weightnorm import explain_refused, fold_entries, plan_weight_norm, split_plain
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -403,6 +406,13 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
         to_raw = {n: raw for raw, n in to_model.items()}
     else:
         to_model = to_raw = {k: k for k in checkpoint}
+    hidden: frozenset[str] = frozenset()
+    weight_norm = plan_weight_norm(model, checkpoint, to_model)
+    if weight_norm is not None:
+        # the checkpoint's g/v pairs as the model names them, or folded into the plain weight the model has
+        hidden = weight_norm.hidden
+        to_model = {**to_model, **weight_norm.names}
+        to_raw = {n: raw for raw, n in to_model.items() if raw not in hidden}
     entries: list[Entry] = []
     mismatched: dict[str, tuple[int, ...]] = {}
     method = "prefix" if prefix.strip or prefix.add else "exact"
@@ -423,10 +433,22 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
     filled = {e.target for e in entries}
     used = {e.source[0] for e in entries}
     norm_keys = checkpoint if to_model is to_raw else KeySet.from_items(
-        ((to_model[r], info) for r, info in checkpoint.items_), origin=checkpoint.origin,
+        ((to_model[r], info) for r, info in checkpoint.items_ if r not in hidden), origin=checkpoint.origin,
         order_is_evidence=checkpoint.order_is_evidence)
-    src_rest = [to_model[r] for r in checkpoint if r not in used]
-    dst_rest = [k for k in model if k not in filled]
+    src_rest = [to_model[r] for r in checkpoint if r not in used and r not in hidden]
+    dst_rest, twin_of = hide_twins(model.ties, filled, [k for k in model if k not in filled])
+    gathered, gather_notes = gather_pieces(model, norm_keys, src_rest, dst_rest, to_raw)
+    copied, copies, held = one_of_copies(model, norm_keys, src_rest, dst_rest, to_raw, getattr(source, "tensor", None))
+    split = split_plain(model, norm_keys, src_rest, dst_rest, to_raw)
+    gathered += split
+    if gathered or copied or held:
+        # pieces and their whole, or copies and their one tensor, are placed; the matcher's order step would fill a
+        # one-row tensor from the first piece, or the one tensor from any copy, equal or not
+        entries.extend([*gathered, *copied])
+        placed = {to_model[k] for e in [*gathered, *copied] for k in e.source} | {e.target for e in gathered}
+        placed |= {e.target for e in copied} | set(held) | {to_model[k] for k in copies}
+        src_rest = [k for k in src_rest if k not in placed]
+        dst_rest = [k for k in dst_rest if k not in placed]
     found = None
     if len(src_rest) + len(dst_rest) >= FOLD_MIN_KEYS:
         ahead = _folded_checkpoint if norm_keys is checkpoint and len(src_rest) == len(checkpoint) else None
@@ -435,20 +457,39 @@ def compare_keys(model: KeySet, checkpoint: KeySet, *, source: Any = None,
         found = _match(norm_keys, model, src_rest, dst_rest, to_raw)
     found, tower = _one_tower(found, norm_keys, model, src_rest, dst_rest, to_model, to_raw, min_confidence)
     entries.extend(found[0])
-    notes = found[1]
+    notes = [*found[1], *gather_notes]
     entries = _orphan_subtrees(entries, norm_keys, to_model, min_confidence)
     entries = _sequential_positions(entries, model, to_model)
     entries = layout_conventions(entries, model, norm_keys, to_model)  # exact-name matches included
+    if weight_norm is not None:
+        entries = fold_entries(entries, weight_norm)
+        notes = [*notes, weight_norm.note] if weight_norm.note else notes
+    twins = fill_twins(entries, twin_of)
+    entries.extend(twins)
+    notes = [*notes, *_tie_notes(twins)]
     order_of = {k: i for i, k in enumerate(model)}
     entries.sort(key=lambda e: order_of[e.target])
     applied = tuple(e for e in entries if e.confidence >= min_confidence)
     mapping = _keymap(model, checkpoint, applied, entries, mismatched, prefix, container, min_confidence)
     if tower:
         mapping = _other_towers(mapping, tower, to_model)
+    if weight_norm is not None:
+        mapping = explain_refused(mapping, weight_norm)
+    mapping = explain_held(explain_copies(mapping, copies), held)
     diagnoses = diagnose(model, checkpoint, mapping, prefix, container=container, alternatives=alternatives,
                          non_tensor=non_tensor, notes=notes, depth_hint=depth_hint, classifier=classifier)
     return Diff(model=model, checkpoint=checkpoint, mapping=mapping, proposals=tuple(entries), diagnoses=diagnoses,
                 min_confidence=min_confidence, checkpoint_format=checkpoint_format, source=source)
+
+
+def _tie_notes(twins: list[Entry]) -> list[str]:
+    if not twins:
+        return []
+    shown = ", ".join(f"{e.target} = {e.evidence.note.rpartition('tied to ')[2].removesuffix(' in the model')}"
+                      for e in twins[:3])
+    more = f" and {len(twins) - 3} more" if len(twins) > 3 else ""
+    return [f"{len(twins)} model key{'s' if len(twins) > 1 else ''} tied to another in the model ({shown}{more}): "
+            "filled from the twin's checkpoint tensor, as the model shares it"]
 
 
 def _match(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_rest: list[str],
@@ -850,6 +891,9 @@ def _keymap(model: KeySet, checkpoint: KeySet, applied: tuple[Entry, ...], propo
     missing_keys = [k for k in model if k not in filled]
     unused_keys = [k for k in checkpoint if k not in used]
     pool = _Pool(unused_keys, checkpoint, prefix)
+    # a twin of a group left empty waits for the group's first empty key, whose own reason is the one that matters
+    tied = {k: anchor for group in model.ties for anchor in [next((t for t in group if t not in filled), "")]
+            for k in group if k not in filled and k != anchor}
     missing = []
     for k in missing_keys:
         shape = model[k].shape
@@ -859,6 +903,8 @@ def _keymap(model: KeySet, checkpoint: KeySet, applied: tuple[Entry, ...], propo
             why = f" ({e.evidence.note})" if e.evidence.note.startswith(("unproven", "ambiguous")) else ""
             reason = (f"proposed {', '.join(e.source)} with confidence {e.confidence:.2f}, below "
                       f"--min-confidence {min_confidence}{why}")
+        elif k in tied:
+            reason = f"tied to {tied[k]} in the model, which is unresolved: it is filled when that is"
         elif k in mismatched:
             reason = f"the checkpoint has this name with shape {list(mismatched[k])}, the model wants {list(shape)}"
         elif sum(c[1] for c in cands) >= 2:

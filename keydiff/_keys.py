@@ -73,6 +73,9 @@ class KeySet(Mapping[str, TensorInfo]):
     """The order the model uses these tensors in and which module feeds which (models only; None: not traced)."""
     layout: Layout | None = None
     """How the model lays out tensors where its keys do not say (models only; None: not read)."""
+    ties: tuple[tuple[str, ...], ...] = ()
+    """Groups of keys that name one tensor of the model (a language model's head tied to its token embedding),
+    each in key-set order (models only)."""
     _index: dict[str, TensorInfo] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -85,10 +88,10 @@ class KeySet(Mapping[str, TensorInfo]):
     @classmethod
     def from_items(
         cls, items: Iterable[tuple[str, TensorInfo]], *, origin: str = "", order_is_evidence: bool = True,
-        flow: Dataflow | None = None,
+        flow: Dataflow | None = None, ties: tuple[tuple[str, ...], ...] = (),
     ) -> KeySet:
         """Build a key set from ``(key, info)`` pairs, in that order."""
-        return cls(tuple(items), origin=origin, order_is_evidence=order_is_evidence, flow=flow)
+        return cls(tuple(items), origin=origin, order_is_evidence=order_is_evidence, flow=flow, ties=ties)
 
     @property
     def infos(self) -> Mapping[str, TensorInfo]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from keydiff._errors import MappingFileError, MappingMismatch
-from keydiff._ops import Op
+from keydiff._ops import Op, weight_norm_fits
 from keydiff._patterns import template_of
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ __all__ = ["SCHEMA", "VERSION", "Entry", "Evidence", "KeyMap", "Leftover", "Rule
 
 SCHEMA = "keydiff/mapping"
 VERSION = 1
-Method = Literal["exact", "prefix", "cluster", "order", "unique", "verified"]
+Method = Literal["exact", "prefix", "convention", "cluster", "order", "unique", "verified", "tied"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,7 +37,9 @@ class Evidence:
     method: str
     """``exact`` (same name), ``prefix`` (same name once a wrapper prefix is removed), ``cluster`` (names, shapes
     and index sets of whole clusters), ``order`` (shapes in structural order), ``unique`` (the only fitting pair),
-    ``verified`` (changed or added by running the source model and the converted target: ``keydiff --source``)."""
+    ``verified`` (changed or added by running the source model and the converted target: ``keydiff --source``),
+    ``tied`` (the model ties this key to another, whose source it shares), ``convention`` (same name once a naming
+    convention's rename is applied: torch's two names for a weight-norm pair)."""
     name_score: float = 1.0
     """Similarity of the canonical names, 0 to 1."""
     shape: str = "same"
@@ -103,7 +105,9 @@ class Leftover:
     """The nearest keys on the other side, best first."""
     kind: str = ""
     """Of an unused checkpoint tensor, what it is: ``head``, ``tower``, ``buffer``, ``training`` (expected: the
-    model has no place for it) or ``depth``, ``weak``, ``shape``, ``unexplained`` (it should have gone somewhere)."""
+    model has no place for it), ``copy`` (equal, values read, to a tensor the mapping uses: the checkpoint stores the
+    model's one tensor once per layer) or ``depth``, ``weak``, ``shape``, ``unexplained`` (it should have gone
+    somewhere)."""
 
     @property
     def explained(self) -> bool:
@@ -118,7 +122,7 @@ class Leftover:
         return out
 
 
-EXPECTED_UNUSED = frozenset({"head", "tower", "buffer", "training"})
+EXPECTED_UNUSED = frozenset({"head", "tower", "buffer", "training", "copy"})
 """Kinds of unused checkpoint tensors that a correct conversion leaves behind."""
 
 
@@ -270,6 +274,17 @@ class KeyMap:
                     op = Op(kind="split", dim=e.op.dim, index=i, sizes=sizes)
                     entries.append(_flip(e, (e.target,), key, op, (e.target_shape,), shape))
                 continue
+            if e.op.kind == "weight_norm":
+                # g = ||w|| and v = w give back w exactly (g * w / ||w||), not the stored v, which any scale fits
+                g, v = e.source
+                entries.append(_flip(e, (e.target,), g, Op(kind="norm", dim=e.op.dim), (e.target_shape,),
+                                     e.source_shapes[0]))
+                same = e.source_shapes[1] == e.target_shape
+                entries.append(_flip(e, (e.target,), v, Op(kind="rename" if same else "reshape"), (e.target_shape,),
+                                     e.source_shapes[1]))
+                continue
+            if e.op.kind == "norm":
+                continue  # a g computed from the weight: the weight's own entry (v = w) gives it back
             entries.append(_flip(e, (e.target,), e.source[0], e.op.inverse(), (e.target_shape,), e.source_shapes[0]))
         for key, parts in splits.items():
             parts.sort(key=lambda e: e.op.index)
@@ -278,6 +293,9 @@ class KeyMap:
             sources = tuple(p.target for p in parts)
             entries.append(_flip(parts[0], sources, key, op, tuple(p.target_shape for p in parts),
                                  parts[0].source_shapes[0]))
+        # a checkpoint tensor that fills several targets (a tie) comes back once, from the first
+        once = {e.target: e for e in reversed(entries)}
+        entries = [e for e in entries if once[e.target] is e]
         return KeyMap(entries=tuple(entries), unused=tuple(made_up), model=self.checkpoint, checkpoint=self.model)
 
     def to_json(self) -> dict[str, Any]:
@@ -578,6 +596,11 @@ def _check_numel(op: Op, source_shapes: tuple[tuple[int, ...], ...], target: tup
               and 0 <= op.index < src[0] * len(op.sizes) and 0 <= op.dim < len(src) - 1
               and sum(op.sizes) == src[op.dim + 1]
               and _numel(src[1:]) // max(src[op.dim + 1], 1) * op.sizes[op.index % len(op.sizes)] == _numel(target))
+    elif op.kind == "weight_norm":
+        ok = (len(source_shapes) == 2 and _numel(source_shapes[1]) == _numel(target)
+              and weight_norm_fits(source_shapes[0], source_shapes[1], op.dim))
+    elif op.kind == "norm":
+        ok = len(source_shapes) == 1 and weight_norm_fits(target, source_shapes[0], op.dim)
     elif op.kind == "split":
         src = source_shapes[0]
         ok = (0 <= op.dim < len(src) and sum(op.sizes) == src[op.dim]

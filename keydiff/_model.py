@@ -1,6 +1,7 @@
 """The model side: a timm name or a ``package.module:callable``, built on the meta device (nothing allocated,
 nothing downloaded), read as a ``KeySet`` of its state dict (persistent buffers included) that carries the model's
-dataflow (``keydiff._dataflow``: one forward pass on the meta device) and its layout (``keydiff._layouts``)."""
+dataflow (``keydiff._dataflow``: one forward pass on the meta device), its layout (``keydiff._layouts``) and its
+tied keys (``keydiff._ties``)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def keyset_of(state: Mapping[str, Any] | nn.Module, origin: str = "") -> KeySet:
     """
     if hasattr(state, "state_dict") and callable(state.state_dict):
         from keydiff._dataflow import meta_copy, trace_dataflow
+        from keydiff._ties import model_ties
 
         keys = _keys_of(state.state_dict(), origin)
         copy = meta_copy(state)
@@ -54,7 +56,8 @@ def keyset_of(state: Mapping[str, Any] | nn.Module, origin: str = "") -> KeySet:
             keys, reason="not run: the module cannot be copied to the meta device")
         from keydiff._layouts import read_layout
 
-        return replace(keys, flow=flow, layout=read_layout(copy if copy is not None else state))
+        return replace(keys, flow=flow, layout=read_layout(copy if copy is not None else state),
+                       ties=model_ties(state, list(keys)))
     return _keys_of(state, origin)
 
 
@@ -144,9 +147,12 @@ def read_model(spec: str, model_args: Mapping[str, Any] | None = None) -> KeySet
         raise ModelError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     from keydiff._dataflow import trace_dataflow
     from keydiff._layouts import read_layout
+    from keydiff._ties import model_ties
 
-    # the model is ours: it runs (twice: its dataflow, then how it lays out its weights and rotations)
-    keys = replace(_keys_of(model.state_dict(), spec), flow=trace_dataflow(model), layout=read_layout(model))
+    keys = _keys_of(model.state_dict(), spec)
+    # the ties are read before the trace runs the model (ours: it runs, twice: its dataflow, then how it lays out
+    # its weights and rotations)
+    keys = replace(keys, ties=model_ties(model, list(keys)), flow=trace_dataflow(model), layout=read_layout(model))
     if timm_name:
         from keydiff._cache import store_model_keys
 

@@ -1,5 +1,5 @@
 """Tensor operations a mapping entry applies: rename, reshape, transpose, concat, split, stack, unstack, zeros,
-rotary.
+rotary, weight_norm, norm.
 
 ``stack`` builds a tensor packed over experts from per-expert tensors (each element the concatenation of ``sizes``
 parts along ``dim``); ``unstack`` takes part ``index`` (expert ``index // len(sizes)``, part ``index % len(sizes)``)
@@ -12,12 +12,17 @@ attention): code that rotates interleaved pairs (dims 0-1, 2-3, ... of a head, c
 rotates halves (dim i with dim i + d/2, ``rotate_half``) compute the same attention when each head's rows are
 reordered. ``to="half"``: rows ``[0, 2, 4, ..., 1, 3, 5, ...]`` of each head; ``to="interleaved"``: the inverse.
 
+Two ops compute values, for weight normalisation (``w = g * v / ||v||``, the norm taken over every dimension but
+``dim``, the one ``g`` keeps): ``weight_norm`` makes the plain weight from its two sources ``(g, v)``, and ``norm``
+makes ``g = ||w||`` from a plain weight (with ``v = w`` beside it, an exact inverse: ``||w|| * w / ||w|| = w``).
+
 An op is a value: it describes itself, serialises to JSON, and applies to tensors. ``out_shape`` lets the planner
 know the result's shape before any tensor is read.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,11 +32,12 @@ from keydiff._errors import MappingFileError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["OP_KINDS", "ROTARY_LAYOUTS", "Op", "OpKind", "rotary_rows"]
+__all__ = ["OP_KINDS", "ROTARY_LAYOUTS", "Op", "OpKind", "rotary_rows", "weight_norm_fits"]
 
-OpKind = Literal["rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros", "rotary"]
+OpKind = Literal["rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros", "rotary",
+                 "weight_norm", "norm"]
 OP_KINDS: tuple[str, ...] = ("rename", "reshape", "transpose", "concat", "split", "stack", "unstack", "zeros",
-                             "rotary")
+                             "rotary", "weight_norm", "norm")
 ROTARY_LAYOUTS = ("half", "interleaved")
 """How code pairs the dims a rotary embedding rotates together: ``i`` with ``i + d/2``, or ``2i`` with ``2i + 1``."""
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -48,9 +54,10 @@ class Op:
     """
 
     kind: OpKind
-    """One of ``rename reshape transpose concat split stack unstack zeros rotary``."""
+    """One of ``rename reshape transpose concat split stack unstack zeros rotary weight_norm norm``."""
     dim: int = 0
-    """Dimension concatenated or split along (within each expert, for ``stack``/``unstack``)."""
+    """Dimension concatenated or split along (within each expert, for ``stack``/``unstack``); for ``weight_norm``
+    and ``norm``, the dimension the norm keeps (every other one is reduced)."""
     index: int = 0
     """For ``split`` and ``unstack``: which part this target is."""
     sizes: tuple[int, ...] = ()
@@ -77,6 +84,10 @@ class Op:
             return "zeros (no source)"
         if self.kind == "rotary":
             return f"rotary rows to {self.to} ({self.heads} heads)"
+        if self.kind == "weight_norm":
+            return f"weight norm g * v / ||v|| (dim {self.dim})"
+        if self.kind == "norm":
+            return f"norm ||w|| (dim {self.dim})"
         return self.kind
 
     def inverse(self) -> Op:
@@ -108,6 +119,12 @@ class Op:
             out = tensors[0][self.index // n].split(list(self.sizes), self.dim)[self.index % n]
         elif self.kind == "split":
             out = tensors[0].split(list(self.sizes), self.dim)[self.index]
+        elif self.kind == "weight_norm":
+            g, v = tensors
+            # torch's own kernel: bit for bit what its weight-norm forward and remove_weight_norm compute
+            out = torch._weight_norm(v, g, self.dim)
+        elif self.kind == "norm":
+            out = _norm_except(tensors[0], self.dim)
         elif self.kind == "transpose":
             out = tensors[0].t()
         elif self.kind == "rotary":
@@ -121,6 +138,8 @@ class Op:
         out: dict[str, Any] = {"kind": self.kind}
         if self.kind in ("concat", "split", "stack", "unstack"):
             out.update(dim=self.dim, sizes=list(self.sizes))
+        if self.kind in ("weight_norm", "norm"):
+            out["dim"] = self.dim
         if self.kind in ("split", "unstack"):
             out["index"] = self.index
         if self.kind == "zeros":
@@ -171,6 +190,29 @@ def rotary_rows(tensor: torch.Tensor, heads: int, to: str) -> torch.Tensor:
     # interleaved -> half: view a head's rows as (pairs, 2) and read them pair-member first
     grid = (heads, half, 2, -1) if to == "half" else (heads, 2, half, -1)
     return tensor.reshape(grid).transpose(1, 2).reshape(tensor.shape)
+
+
+def weight_norm_fits(g: tuple[int, ...], v: tuple[int, ...], dim: int) -> bool:
+    """Whether ``g`` is the shape of ``v``'s norm over every dimension but ``dim`` (-1: over all of them; torch's
+    ``weight_norm(dim=None)``, whose ``g`` is a scalar).
+
+    Example:
+        >>> weight_norm_fits((8, 1, 1), (8, 4, 3), 0), weight_norm_fits((1, 1, 3), (8, 4, 3), 2)
+        (True, True)
+        >>> weight_norm_fits((4, 1, 1), (8, 4, 3), 0)
+        False
+    """
+    if dim == -1:
+        return math.prod(g) == 1
+    if not 0 <= dim < len(v) or len(g) != len(v):
+        return False
+    return all(n == (v[d] if d == dim else 1) for d, n in enumerate(g))
+
+
+def _norm_except(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 2-norm over every dimension of ``t`` but ``dim``, keeping all dimensions (the shape of ``g``)."""
+    dims = [d for d in range(t.dim()) if d != dim]
+    return t.norm(2, dim=dims, keepdim=True) if dims else t.abs()  # an empty dim list would reduce them all
 
 
 RENAME = Op(kind="rename")

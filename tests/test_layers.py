@@ -37,6 +37,9 @@ LAYERS = [
     "keydiff._diagnose",
     "keydiff._match",
     "keydiff._fold",
+    "keydiff._ties",
+    "keydiff._weightnorm",
+    "keydiff._stacking",
     # reading inputs
     "keydiff._hub",
     "keydiff._parallel",

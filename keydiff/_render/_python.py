@@ -6,7 +6,8 @@ The generated module needs only ``re`` and ``torch``: a user pastes it into thei
 - ``RULES``: anchored regex renames (``compress_rules`` over the prefix-free keys), whose order does not matter;
 - per-key tables for what the rules do not cover: ``RENAMES``, ``RESHAPED`` (with the target shape), ``TRANSPOSED``,
   ``FUSED`` (q/k/v concatenated), ``SPLIT`` (a fused tensor cut into parts), ``ROTARY`` (the rows of each head of a
-  rotary query or key projection reordered into the other pairing of dims), ``ZEROS`` (tensors the checkpoint does
+  rotary query or key projection reordered into the other pairing of dims), ``WEIGHT_NORM`` (a weight-normalised
+  pair made into its weight) and ``NORMS`` (``g`` of a plain weight), ``ZEROS`` (tensors the checkpoint does
   not hold, made as zeros, each with the mapping's reason), and ``DROPPED`` (tensors the model has no place for);
 - keys the model names as the checkpoint does pass through unchanged.
 
@@ -20,6 +21,7 @@ import dataclasses
 import os
 import re
 import textwrap
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from keydiff._mapping import Entry, KeyMap, Rule, compress_rules
@@ -105,6 +107,10 @@ def _natural_shape(e: Entry) -> tuple[int, ...]:
         return tuple(part)
     if e.op.kind == "transpose":
         return tuple(reversed(e.source_shapes[0]))
+    if e.op.kind == "weight_norm":
+        return e.source_shapes[1]
+    if e.op.kind == "norm":
+        return tuple(n if d == e.op.dim else 1 for d, n in enumerate(e.source_shapes[0]))
     return e.source_shapes[0]
 
 
@@ -134,14 +140,17 @@ def emit_python(mapping: KeyMap, *, version: str = "") -> str:
     compiled = [(re.compile(r.pattern), _replacement(r.replace)) for r in rules]
     tables: dict[str, list[tuple[str, Sequence[str] | str]]] = {k: [] for k in
                                                                  ("RENAMES", "RESHAPED", "TRANSPOSED", "FUSED",
-                                                                  "SPLIT", "ROTARY", "ZEROS", "SHAPES")}
+                                                                  "SPLIT", "ROTARY", "WEIGHT_NORM", "NORMS",
+                                                                  "ZEROS", "SHAPES")}
     used_rules: set[int] = set()
+    # a tensor that fills several keys (a tie) is taken by the tables; so every entry of it must be in one
+    uses = Counter(k for e in entries for k in e.source)
     for e in entries:
         target, src = _str(e.target), [_str(k) for k in e.source]
         kind = e.op.kind
         if kind == "rename":
             routed = _route(e.source[0], compiled)
-            if routed != e.target:
+            if routed != e.target or uses[e.source[0]] > 1:
                 tables["RENAMES"].append((target, src[0]))
             else:
                 used_rules.update(i for i, (rx, _) in enumerate(compiled) if rx.match(e.source[0]))
@@ -153,13 +162,17 @@ def emit_python(mapping: KeyMap, *, version: str = "") -> str:
             tables["ROTARY"].append((target, [src[0], str(e.op.heads), _str(e.op.to)]))
         elif kind == "concat":
             tables["FUSED"].append((target, [_tuple(src), str(e.op.dim)]))
+        elif kind == "weight_norm":
+            tables["WEIGHT_NORM"].append((target, [_tuple(src), str(e.op.dim)]))
+        elif kind == "norm":
+            tables["NORMS"].append((target, [src[0], str(e.op.dim)]))
         elif kind == "zeros":
             tables["ZEROS"].append((target, [_tuple([str(d) for d in e.target_shape]),
                                              f"torch.{e.op.dtype or 'float32'}", _str(e.evidence.note or "zeros")]))
         else:
             tables["SPLIT"].append((target, [src[0], str(e.op.dim), _tuple([str(s) for s in e.op.sizes]),
                                              str(e.op.index)]))
-        if kind in ("concat", "split", "transpose") and _natural_shape(e) != e.target_shape:
+        if kind in ("concat", "split", "transpose", "weight_norm", "norm") and _natural_shape(e) != e.target_shape:
             tables["SHAPES"].append((target, _tuple([str(d) for d in e.target_shape])))
     # a rule that decides no kept key is dead weight; keep the ones the routing above relied on
     rules = [r for i, r in enumerate(rules) if i in used_rules]
@@ -223,6 +236,8 @@ def _module(mapping: KeyMap, rules: Sequence[Rule], tables: dict, dropped: Seque
         "FUSED": "target key: (checkpoint keys, dim), concatenated in this order (q, k, v).",
         "SPLIT": "target key: (checkpoint key, dim, part sizes, part), one part of a fused tensor.",
         "ROTARY": "target key: (checkpoint key, heads, layout), each head's rows put in that rotary layout.",
+        "WEIGHT_NORM": "target key: ((g key, v key), dim), the weight g * v / ||v||, norm over every dim but dim.",
+        "NORMS": "target key: (weight key, dim), g = ||w|| over every dim but dim (v = w beside it).",
         "ZEROS": "target key: (shape, dtype, why), a tensor the checkpoint does not hold, made as zeros.",
         "SHAPES": "target key: shape, for ops whose result is then reshaped.",
     }
@@ -249,6 +264,11 @@ def _function(mapping: KeyMap, rules: bool, tables: dict, dropped: bool) -> list
         name = ["    return ADD_PREFIX + key"] if unwrap.add_prefix else []
     if name:
         out += ["def _name(key: str) -> str:", *name, "", ""]
+    if tables["NORMS"]:
+        out += ["def _norm_except(t: torch.Tensor, dim: int) -> torch.Tensor:",
+                '    """The 2-norm over every dim of ``t`` but ``dim`` (-1: all of them), keeping the dims."""',
+                "    dims = [d for d in range(t.dim()) if d != dim]",
+                "    return t.norm(2, dim=dims, keepdim=True) if dims else t.abs()", "", ""]
     out += [
         f"def {FUNCTION}(",
         "    state_dict: dict[str, torch.Tensor], model: torch.nn.Module | None = None",
@@ -267,7 +287,8 @@ def _function(mapping: KeyMap, rules: bool, tables: dict, dropped: bool) -> list
         ]
     key_expr = "_name(k)" if name else "k"
     tensors = f"{{{key_expr}: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}}"
-    explicit = [t for t in ("FUSED", "SPLIT", "TRANSPOSED", "ROTARY", "RESHAPED", "RENAMES", "ZEROS") if tables[t]]
+    explicit = [t for t in ("FUSED", "SPLIT", "WEIGHT_NORM", "NORMS", "TRANSPOSED", "ROTARY", "RESHAPED", "RENAMES",
+                            "ZEROS") if tables[t]]
     if not explicit and not dropped and not rules:
         return [*out, f"    return {tensors}"]
     out.append(f"    state_dict = {tensors}")
@@ -295,6 +316,13 @@ _BODY = {
               "        taken.update(sources)"],
     "SPLIT": ["    for target, (source, dim, sizes, part) in SPLIT.items():",
               "        out[target] = state_dict[source].split(list(sizes), dim)[part]",
+              "        taken.add(source)"],
+    "WEIGHT_NORM": ["    for target, ((g, v), dim) in WEIGHT_NORM.items():",
+                    "        # torch's kernel: what its weight-norm forward and remove_weight_norm compute",
+                    "        out[target] = torch._weight_norm(state_dict[v], state_dict[g], dim)",
+                    "        taken.update((g, v))"],
+    "NORMS": ["    for target, (source, dim) in NORMS.items():",
+              "        out[target] = _norm_except(state_dict[source], dim)",
               "        taken.add(source)"],
     "TRANSPOSED": ["    for target, source in TRANSPOSED.items():",
                    "        out[target] = state_dict[source].t()",
