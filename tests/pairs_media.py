@@ -285,8 +285,12 @@ def save_hifigan_generator(sd: dict[str, torch.Tensor], directory: Path) -> Path
 
 
 def weight_normed(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``weight = g * v / ||v||``, the norm over every dim but 0 (``torch.nn.utils.weight_norm``'s default dim)."""
-    return g * v / v.flatten(1).norm(dim=1).reshape(g.shape)
+    """``weight = g * v / ||v||``, the norm over every dim but 0 (``torch.nn.utils.weight_norm``'s default dim), as
+    torch's own kernel computes it (what ``remove_weight_norm`` gives; the formula written out differs in the last
+    bits)."""
+    out = torch._weight_norm(v, g, 0)
+    assert torch.allclose(out, g * v / v.flatten(1).norm(dim=1).reshape(g.shape), atol=1e-6)
+    return out
 
 
 def hifigan_reference(pair: Pair, src: nn.Module, dst: nn.Module) -> Reference:

@@ -39,9 +39,6 @@ FAILS_END_TO_END = {
                            "from the file (the prompt encoder's copy fills it)",
     "ldm_vae_to_diffusers": "class 5: the decoder's up.{i} is up_blocks.{n-1-i}; equal-width levels cannot show it "
                             "by shapes, and position pairing that maps them in no order stays unproven (exit 1)",
-    "encodec_to_transformers": "class 2: legacy weight_g/weight_v vs parametrizations.weight.original0/1 "
-                               "(60 conv keys unresolved)",
-    "hifigan_weight_norm_removed": "class 2: weight = g * v / ||v|| into plain convolutions (40 weights unresolved)",
     "segformer_mmseg_to_transformers": "class 5: 1-based indices inside a name (patch_embed1, norm1) are the "
                                        "0-based stages.0 (24 keys unresolved)",
 }

@@ -30,20 +30,16 @@ FAILS_E2E = {
                         "layout is not read from its names)",
     "mixtral_consolidated_to_hf": "class 3: q/k unproven as 'partial rotary' (the engine reads 8 rotated dims of a "
                                   "head of 8 as fewer than all)",
-    "hf_gpt2_to_nanogpt": TIED.format("lm_head.weight"),
     "megatron_gpt_to_hf_gpt2": "containers: Megatron's nested {model: {language_model: {embedding, encoder}}} "
                                "holds no flat tensor dict (exit 2)",
     "nemo_megatron_gpt_to_hf_gpt2": INTERLEAVE + "; " + TIED.format("lm_head.weight")
                                     + "; the transposed MLP weights left unresolved",
-    "whisper_to_hf": TIED.format("proj_out.weight"),
     "esm2_to_hf": TIED.format("lm_head.decoder.weight, and lm_head.bias") + "; q/k rotary layout unproven",
     "hf_whisper_to_openai": "the blocks' attn_ln/mlp_ln stay unproven: names do not tell which transformers norm is "
                             "which, and the sorted file's order says nothing",
     "hf_esm_to_fair_esm": TIED.format("each layer's rot_emb.inv_freq, from one model-level copy") + "; the blocks' "
                           "LayerNorm.gamma/beta (transformers 5 saves the legacy names) left ambiguous",
-    "wav2vec2_weight_norm_folded": "class 2: weight_g/weight_v into one plain weight needs the value op g * v / ||v||",
     "hf_t5_save_pretrained": TIED.format("encoder/decoder.embed_tokens.weight, lm_head.weight: shared.weight"),
-    "wav2vec2_legacy_weight_norm": "class 2: weight_g/weight_v vs parametrizations.weight.original0/original1",
 }
 # precision: a mapping that exits 0 computes the source's function
 FAILS_SILENT = {k: v for k, v in FAILS_E2E.items() if "exits 0" in v}
