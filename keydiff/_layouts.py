@@ -579,7 +579,10 @@ def rotary_pairing(entries: list[Entry], model: KeySet, checkpoint: KeySet,
             out.append(replace(e, op=Op(kind="rotary", heads=rows // dims, to=want),
                                evidence=replace(e.evidence, shape="rotary", note=note)))
             continue
-        if not want and dims:
+        if not want and dims and layout is not None and not layout.ran:
+            why = ("the model's forward pass did not run on the meta device, so which dims it pairs was not seen "
+                   f"({layout.reason})")
+        elif not want and dims:
             why = (f"the model rotates {dims} dims of each head, not all of them (partial rotary): how the "
                    "checkpoint's rows would be reordered is not decided")
         elif not want:
