@@ -326,7 +326,9 @@ def infer_args(row: ModelRow, model: KeySet, d: Diff) -> tuple[dict[str, Any], l
         if values is None:
             continue
         if len(values) == 1:
-            args[arg] = values.pop()
+            value = values.pop()
+            if value != default:  # the default fits those keys: something else keeps them empty
+                args[arg] = value
         elif not values and arg == "num_classes" and _headless(row, missing, reshaping):
             args[arg] = 0
         else:
@@ -340,7 +342,9 @@ def infer_args(row: ModelRow, model: KeySet, d: Diff) -> tuple[dict[str, Any], l
 
         values = _fit(missing, unused, {k: list(v[0]) for k, v in img.items()}, solve_img)
         if values is not None and len(values) == 1:
-            args["img_size"] = values.pop()
+            value = values.pop()
+            if value != side:
+                args["img_size"] = value
         elif values is not None:
             undecided.append("img_size")
     return args, undecided

@@ -135,7 +135,7 @@ def test_cli_find_json_and_top(index, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KEYDIFF_INDEX", str(index.path))
     ckpt = _timm(tmp_path, "vit_tiny_patch16_224", num_classes=0)
     out = tmp_path / "candidates.json"
-    assert main(["find", ckpt, "--json", str(out), "--top", "2"]) == 0
+    assert main(["find", ckpt, "--json", str(out), "--top", "2", "--verify", "0"]) == 0
     doc = json.loads(out.read_text())
     assert doc["schema"] == "keydiff/find" and 1 <= len(doc["candidates"]) <= 2
     first = doc["candidates"][0]
