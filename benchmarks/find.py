@@ -232,6 +232,7 @@ def main() -> None:
               f"min wall for all {total} (first run)")
     where = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="keydiff-find-"))
     where.mkdir(parents=True, exist_ok=True)
+    os.environ["KEYDIFF_CACHE_DIR"] = str(where / "cache")  # first runs: no model key set cached from before
     cases = [c for c in CASES if not opts.only or any(s in c.name for s in opts.only.split(","))]
     rows, top1, top5, converted = [], 0, 0, 0
     try:

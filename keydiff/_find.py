@@ -43,6 +43,9 @@ SHORTLIST = 24
 """How many key tables the fingerprint step keeps for the matcher."""
 MATCHED = 6
 """How many of the shortlist the matcher runs on at least (more when more candidates are asked for)."""
+NEAR = 0.02
+"""Key tables this close to the best fingerprint score are matched even beyond ``MATCHED`` (many variants of one
+architecture differ in a norm or a token, a fraction of a percent of the weight), until one fits completely."""
 RESEMBLANCE = 0.5
 """The matcher runs only on key tables whose fingerprint score is at least this share of the best one's: the rest
 resemble the checkpoint less than half as much as the best does."""
@@ -220,8 +223,27 @@ def fingerprint_scores(checkpoint: KeySet, rows: Iterable[ModelRow]) -> dict[int
             continue
         theirs = row.fingerprint
         common = sum(n * min(c, theirs.get(n, 0)) for n, c in have.items())
+        left_a = Counter({n: c - theirs.get(n, 0) for n, c in have.items() if c > theirs.get(n, 0)})
+        left_b = Counter({n: c - have.get(n, 0) for n, c in theirs.items() if c > have.get(n, 0)})
+        common += _split(left_a, left_b) + _split(left_b, left_a)
         out[row.table] = common / max(1, total, sum(n * c for n, c in theirs.items()))
     return out
+
+
+def _split(whole: Counter[int], parts: Counter[int]) -> int:
+    """Elements of ``whole``'s tensors that ``parts`` holds as 2 to 4 equal pieces (a fused ``qkv`` against
+    separate ``q``, ``k``, ``v``); both counters lose what is paired."""
+    common = 0
+    for n in sorted(whole, reverse=True):
+        for k in (3, 2, 4):
+            if n % k:
+                continue
+            pairs = min(whole[n], parts.get(n // k, 0) // k)
+            if pairs:
+                whole[n] -= pairs
+                parts[n // k] -= k * pairs
+                common += n * pairs
+    return common
 
 
 # --- step 2: arguments from shapes --------------------------------------------------------------------------------
@@ -263,7 +285,7 @@ def _quadratic(sides: tuple[int, int, int], dims: tuple[int, int, int], dim: int
     return round(h) if h > 0 and abs(h - round(h)) < 1e-6 else None
 
 
-def _fit(missing: Mapping[str, tuple[int, ...]], unused: Mapping[str, tuple[int, ...]],
+def _fit(missing: Mapping[str, tuple[tuple[int, ...], tuple[str, ...]]], unused: Mapping[str, tuple[int, ...]],
          reshaped: Mapping[str, list[int]], solve: Any) -> set[int] | None:
     """Values of one argument under which every missing key it reshapes finds an unused tensor of its new shape.
 
@@ -273,12 +295,14 @@ def _fit(missing: Mapping[str, tuple[int, ...]], unused: Mapping[str, tuple[int,
         return None
     values: set[int] | None = None
     for k in keys:
-        base, probe = missing[k], tuple(reshaped[k])
+        (base, near), probe = missing[k], tuple(reshaped[k])
         free = _free_dims(base, probe)
         if not free:
             return set()
         found = set()
-        for shape in unused.values():
+        # the tensors the matcher names as this key's nearest, when it names any: a class token must not pass
+        # for a one-token position table
+        for shape in ([unused[c] for c in near if c in unused] or unused.values()):
             if len(shape) != len(base) or any(shape[i] != base[i] for i in range(len(base)) if i not in free):
                 continue
             got = {solve(base[i], probe[i], shape[i], k, i) for i in free}
@@ -306,7 +330,7 @@ def infer_args(row: ModelRow, model: KeySet, d: Diff) -> tuple[dict[str, Any], l
     Returns:
         The arguments (defaults left out), and the arguments some missing key depends on that no single value fits.
     """
-    missing = {m.key: m.shape for m in d.mapping.missing}
+    missing = {m.key: (m.shape, m.candidates) for m in d.mapping.missing}
     unused = {u.key: u.shape for u in d.mapping.unused}
     args: dict[str, Any] = {}
     undecided: list[str] = []
@@ -350,7 +374,7 @@ def infer_args(row: ModelRow, model: KeySet, d: Diff) -> tuple[dict[str, Any], l
     return args, undecided
 
 
-def _headless(row: ModelRow, missing: Mapping[str, tuple[int, ...]], reshaping: set[str]) -> bool:
+def _headless(row: ModelRow, missing: Mapping[str, Any], reshaping: set[str]) -> bool:
     """True when the checkpoint has no head: the keys ``num_classes=0`` removes are missing, and they are all that
     is missing but for keys another argument reshapes (otherwise the head is one of many gaps, which says nothing)."""
     probe = row.probes.get("num_classes=0")
@@ -437,7 +461,11 @@ def _score_table(rows: list[ModelRow], model: KeySet, ckpt: KeySet, similarity: 
                 ident = json.dumps([row.probes, sorted(args.items()), row.num_classes, row.input_size], default=str)
                 if ident not in seen:
                     seen[ident] = adjusted, compare_keys(adjusted, ckpt, classifier=classifier(row))
-                keys, d = seen[ident]
+                if seen[ident][1].ok:
+                    keys, d = seen[ident]
+                else:  # arguments that do not make it fit are a guess: the defaults and their diff stand
+                    undecided += [a for a in args if a not in undecided]
+                    args = {}
         out.append(_Scored(row, args, tuple(undecided), keys, d, similarity))
     return out
 
@@ -525,9 +553,18 @@ def find(checkpoint: Any, *, top: int = 5, names: Iterable[str] | None = None, i
         rows_of.setdefault(row.table, []).append(row)
     scored: list[_Scored] = []
     best = scores[tables[0]] if tables else 0.0
-    for table in [t for t in tables[:max(MATCHED, top)] if scores[t] >= RESEMBLANCE * best and scores[t] > 0]:
+    fitted_at = None
+    for i, table in enumerate(tables):
+        near = scores[table] >= best - NEAR
+        if scores[table] < RESEMBLANCE * best or scores[table] <= 0 or (i >= max(MATCHED, top) and not near):
+            break
+        if fitted_at is not None and i > fitted_at + 2:
+            break  # a complete fit is found: two tables more for ties, not the whole near-tie tail
         model = index.keys(table, origin=rows_of[table][0].name)
-        scored += _score_table(rows_of[table], model, ckpt, scores[table])
+        found = _score_table(rows_of[table], model, ckpt, scores[table])
+        scored += found
+        if fitted_at is None and any(s.diff.ok and not s.diff.mapping.unused for s in found):
+            fitted_at = i
     groups = _group(scored)
     candidates = sorted((_candidate(g, ckpt) for g in groups), key=lambda c: c.rank_key)[:top]
     keys_of = {g[0].row.name: g[0].keys for g in groups}

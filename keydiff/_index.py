@@ -260,8 +260,12 @@ def pack_index(parts: Path, out: Path, *, timm_version: str | None = None) -> Pa
             members.append(text)
         probes = split_probes(row.get("probes", {}), row["num_classes"], int(row["input_size"][0]),
                               {k: shape for k, shape, _ in row["keys"]})
+        # the fingerprint leaves out what an argument reshapes (head, position table, stem): a checkpoint with
+        # another head or image size scores as high as one with the defaults
+        moved = {k for p in probes.values() if "error" not in p for k in (*p["reshaped"], *p["removed"])}
         meta_rows.append({k: v for k, v in row.items() if k not in ("keys", "error")} | {
-            "table": table, "probes": probes, "fingerprint": _fingerprint(row["keys"])})
+            "table": table, "probes": probes,
+            "fingerprint": _fingerprint([r for r in row["keys"] if r[0] not in moved])})
     meta = {"schema": _SCHEMA, "version": _VERSION, "timm": timm_version or _timm_version(), "models": meta_rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -271,6 +275,9 @@ def pack_index(parts: Path, out: Path, *, timm_version: str | None = None) -> Pa
             z.writestr("meta.json", json.dumps(meta, separators=(",", ":")))
             for i, text in enumerate(members):
                 z.writestr(f"keys/{i}.json", text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp's file is private; package data is read by every user
         os.replace(temp, out)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
