@@ -55,7 +55,8 @@ def test_fingerprint_is_name_independent(index, tmp_path):
     assert fingerprint_scores(ckpt, index.rows) == fingerprint_scores(renamed, index.rows)
     scores = fingerprint_scores(ckpt, index.rows)
     by_name = {r.name: scores[r.table] for r in index.rows}
-    assert by_name["resnet14t"] == pytest.approx(1.0)
+    # all of the model but its head (which an argument reshapes, so the index leaves it out) is in the checkpoint
+    assert by_name["resnet14t"] == pytest.approx(1 - 2048 * 1001 / sum(i.numel for i in ckpt.values()), rel=1e-4)
     assert by_name["resnet14t"] > by_name["resnet10t"] > by_name["vit_tiny_patch16_224"]
 
 
@@ -65,8 +66,7 @@ def test_other_head_is_found_with_its_num_classes_and_ranked_first(index, tmp_pa
     assert best.names == ("resnet14t",) and best.model_args() == {"num_classes": 10}
     assert best.fits and best.verified and best.filled == best.model_keys == best.by_name
     assert best.used == best.tensors
-    names = [c.name for c in found.candidates]
-    assert "resnet10t" in names and not found.candidates[names.index("resnet10t")].fits
+    assert not any(c.fits for c in found.candidates[1:])
     assert [c.rank_key for c in found.candidates] == sorted(c.rank_key for c in found.candidates)
     assert "-m num_classes=10" in best.command(found.checkpoint)
 
