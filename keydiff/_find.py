@@ -204,9 +204,10 @@ def _sizes(keys: Iterable[tuple[str, TensorInfo]]) -> Counter[int]:
     return Counter(info.numel for _, info in keys if info.shape and info.dtype.startswith(("float", "bfloat")))
 
 
-def fingerprint_scores(checkpoint: KeySet, rows: Iterable[ModelRow]) -> dict[int, float]:
+def fingerprint_scores(checkpoint: KeySet, rows: Iterable[ModelRow], *, whole: bool = False) -> dict[int, float]:
     """Per key table, the share of weight (in elements) held in tensors of sizes both sides have, over the larger
-    side's weight: 1.0 when the sizes are the same multiset, whatever the names.
+    side's weight: 1.0 when the sizes are the same multiset, whatever the names. The model's side leaves out what an
+    argument reshapes (its head, position table, stem) unless ``whole``: the defaults' exact sizes break ties.
 
     Example:
         >>> ck = KeySet.from_items([("a", TensorInfo((4, 4), "float32")), ("b", TensorInfo((4,), "float32"))])
@@ -221,7 +222,7 @@ def fingerprint_scores(checkpoint: KeySet, rows: Iterable[ModelRow]) -> dict[int
     for row in rows:
         if row.table in out:
             continue
-        theirs = row.fingerprint
+        theirs = Counter(row.fingerprint) + Counter(row.moved) if whole else row.fingerprint
         common = sum(n * min(c, theirs.get(n, 0)) for n, c in have.items())
         left_a = Counter({n: c - theirs.get(n, 0) for n, c in have.items() if c > theirs.get(n, 0)})
         left_b = Counter({n: c - have.get(n, 0) for n, c in theirs.items() if c > have.get(n, 0)})
@@ -547,12 +548,14 @@ def find(checkpoint: Any, *, top: int = 5, names: Iterable[str] | None = None, i
     if names is not None:
         index = index.restrict(names)
     scores = fingerprint_scores(ckpt, index.rows)
-    tables = sorted(scores, key=lambda t: -scores[t])[:SHORTLIST]
+    exact = fingerprint_scores(ckpt, index.rows, whole=True)
+    # variants of one architecture tie on the body: the sizes of the head and position table at the defaults decide
+    tables = sorted(scores, key=lambda t: (-round(scores[t], 2), -exact[t]))[:SHORTLIST]
     rows_of: dict[int, list[ModelRow]] = {}
     for row in index.rows:
         rows_of.setdefault(row.table, []).append(row)
     scored: list[_Scored] = []
-    best = scores[tables[0]] if tables else 0.0
+    best = max((scores[t] for t in tables), default=0.0)
     fitted_at = None
     for i, table in enumerate(tables):
         near = scores[table] >= best - NEAR

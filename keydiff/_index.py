@@ -265,7 +265,8 @@ def pack_index(parts: Path, out: Path, *, timm_version: str | None = None) -> Pa
         moved = {k for p in probes.values() if "error" not in p for k in (*p["reshaped"], *p["removed"])}
         meta_rows.append({k: v for k, v in row.items() if k not in ("keys", "error")} | {
             "table": table, "probes": probes,
-            "fingerprint": _fingerprint([r for r in row["keys"] if r[0] not in moved])})
+            "fingerprint": _fingerprint([r for r in row["keys"] if r[0] not in moved]),
+            "moved": _fingerprint([r for r in row["keys"] if r[0] in moved])})
     meta = {"schema": _SCHEMA, "version": _VERSION, "timm": timm_version or _timm_version(), "models": meta_rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -321,7 +322,9 @@ class ModelRow:
     probes: Mapping[str, Mapping[str, Any]]
     """Per probe (``num_classes=0``...): the keys it removed, reshaped and added, or the error it raised."""
     fingerprint: Mapping[int, int] = field(repr=False)
-    """Count of floating-point tensors per number of elements."""
+    """Count of floating-point tensors per number of elements, but for those an argument reshapes."""
+    moved: Mapping[int, int] = field(default_factory=dict, repr=False)
+    """The same count for the tensors an argument reshapes (head, position table, stem) at the defaults."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -379,7 +382,8 @@ def read_index(path: Path) -> Index:
         rows.append(ModelRow(name=m["name"], table=int(m["table"]), num_classes=m.get("num_classes"),
                              input_size=tuple(m.get("input_size") or ()), classifier=m.get("classifier"),
                              params=tuple(m.get("params") or ()), probes=m.get("probes") or {},
-                             fingerprint={int(n): int(c) for n, c in m["fingerprint"]}))
+                             fingerprint={int(n): int(c) for n, c in m["fingerprint"]},
+                             moved={int(n): int(c) for n, c in m.get("moved", ())}))
     return Index(path=path, timm=str(meta["timm"]), rows=tuple(rows), failed=failed)
 
 
