@@ -547,8 +547,10 @@ def find(checkpoint: Any, *, top: int = 5, names: Iterable[str] | None = None, i
                          "timm; build one with python -m keydiff._index OUT.zip")
     if names is not None:
         index = index.restrict(names)
-    scores = fingerprint_scores(ckpt, index.rows)
     exact = fingerprint_scores(ckpt, index.rows, whole=True)
+    # the body alone is fair to another head or image size; the whole, to a checkpoint with the defaults (against
+    # models whose heads the index could not tell apart, which are scored whole either way)
+    scores = {t: max(v, exact[t]) for t, v in fingerprint_scores(ckpt, index.rows).items()}
     # variants of one architecture tie on the body: the sizes of the head and position table at the defaults decide
     tables = sorted(scores, key=lambda t: (-round(scores[t], 2), -exact[t]))[:SHORTLIST]
     rows_of: dict[int, list[ModelRow]] = {}
