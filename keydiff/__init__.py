@@ -6,8 +6,8 @@
     >>> sd = d.apply()         # loads with model.load_state_dict(sd, strict=True)       # doctest: +SKIP
 
 Public names: ``diff``, ``compare_keys``, ``compare``, ``stats``, ``read_keys``, ``load_mapping``, ``prove``,
-``Diff``, ``ValueDiff``, ``Proof``, ``KeyMap``, ``Entry``, ``Op``, ``KeySet``, ``TensorInfo``, ``KeydiffError``,
-``InputError``.
+``find``, ``Found``, ``Diff``, ``ValueDiff``, ``Proof``, ``KeyMap``, ``Entry``, ``Op``, ``KeySet``, ``TensorInfo``,
+``KeydiffError``, ``InputError``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from keydiff._diff import compare_keys as compare_keys
 from keydiff._diff import diff as diff
 from keydiff._errors import InputError as InputError
 from keydiff._errors import KeydiffError as KeydiffError
+from keydiff._find import Found as Found
+from keydiff._find import find as find
 from keydiff._keys import KeySet as KeySet
 from keydiff._keys import TensorInfo as TensorInfo
 from keydiff._mapping import Entry as Entry
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Diff",
     "Entry",
+    "Found",
     "InputError",
     "KeyMap",
     "KeySet",
@@ -46,6 +49,7 @@ __all__ = [
     "compare",
     "compare_keys",
     "diff",
+    "find",
     "load_mapping",
     "prove",
     "read_keys",
@@ -65,7 +69,7 @@ def read_keys(path: str, *, key: str | None = None, unsafe_pickle: bool = False)
     return read_checkpoint(path, key=key, unsafe_pickle=unsafe_pickle).keys
 
 
-for _obj in (Diff, Entry, InputError, KeyMap, KeySet, KeydiffError, Op, Proof, TensorInfo, ValueDiff, compare,
-             compare_keys, diff, load_mapping, prove, read_keys, stats):
+for _obj in (Diff, Entry, Found, InputError, KeyMap, KeySet, KeydiffError, Op, Proof, TensorInfo, ValueDiff, compare,
+             compare_keys, diff, find, load_mapping, prove, read_keys, stats):
     _obj.__module__ = "keydiff"
 del _obj

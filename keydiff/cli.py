@@ -4,6 +4,8 @@
     keydiff MODEL CHECKPOINT --source SOURCE [-s KEY=VALUE]...           ... and prove it by running both models
     keydiff apply MAP.json CHECKPOINT -o OUT                             apply a saved mapping
     keydiff stats CHECKPOINT [--csv STATS.csv]                           per-tensor statistics, NaN/Inf flagged
+    keydiff find CHECKPOINT [--json OUT] [--top N]                       which timm model is it, with which arguments
+    keydiff CHECKPOINT                                                   find the model, then the diff against it
     keydiff verify SOURCE CHECKPOINT TARGET                              run source and converted target
 
 Exit codes: 0 every model key is filled and every unused checkpoint tensor is explained (with --source: and the
@@ -41,6 +43,8 @@ options.
   keydiff MODEL CHECKPOINT --source SOURCE [-s KEY=VALUE]...
   keydiff apply MAP.json CHECKPOINT -o OUT
   keydiff stats CHECKPOINT [--csv STATS.csv]
+  keydiff find CHECKPOINT [--json OUT] [--top N]
+  keydiff CHECKPOINT
   keydiff verify SOURCE CHECKPOINT TARGET
 
 Exit codes: 0 every model key is filled and every unused checkpoint tensor is explained (with --source: and the
@@ -229,9 +233,10 @@ def _convert(mapping, source, keys, output: Path, inputs: list[str], shard: int 
 def diff_command(
     model: Annotated[str, typer.Argument(metavar="MODEL",
         help="timm model name, package.module:callable, transformers:ModelClass, or a checkpoint file.")],
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
+    checkpoint: Annotated[Optional[Path], typer.Argument(metavar="[CHECKPOINT]",  # noqa: UP045
         help="Checkpoint: .safetensors, sharded index/dir, .pth/.pt/.bin/.ckpt, a Hugging Face repo id or cache "
-             "folder (read from the local cache).")],
+             "folder (read from the local cache). Without it, MODEL is the checkpoint: `keydiff find` picks the "
+             "model, then the diff runs against it.")] = None,
     model_arg: ModelArgs = None,
     key: ContainerKey = None,
     json_path: Annotated[Optional[Path], typer.Option(  # noqa: UP045
@@ -275,11 +280,14 @@ def diff_command(
     from keydiff._sources import is_checkpoint_path
 
     _warn_unsafe(unsafe_pickle)
+    chosen: dict[str, Any] = {}
+    if checkpoint is None:
+        model, checkpoint, chosen = _choose_model(model, key, unsafe_pickle, quiet)
     # transformers:ModelClass beside a checkpoint folder with config.json: that config, -m on top
     typed = parse_model_args(model_arg or [])
     check_config_args(model, typed)
     check_config_args(source or "", parse_model_args(source_arg or []))
-    args = {**config_args(model, str(checkpoint)), **typed}
+    args = {**config_args(model, str(checkpoint)), **chosen, **typed}
     shard = _size(max_shard_size)
     inputs = [str(checkpoint)] + ([model] if Path(model).exists() else [])
     _report_format(report)
@@ -408,6 +416,23 @@ def _emit_key_mapping(d: Diff, path: Path, model: str, args: dict[str, Any], inp
     return True
 
 
+def _choose_model(path: str, key: str | None, unsafe_pickle: bool, quiet: bool) -> tuple[str, Path, dict[str, Any]]:
+    """``keydiff CKPT``: find the model, say which and why; returns the model, the checkpoint and its arguments."""
+    from keydiff._find import find
+    from keydiff._render._find import describe_choice
+
+    if not Path(path).exists():
+        raise UsageError(f"missing CHECKPOINT: keydiff MODEL CHECKPOINT, or keydiff CHECKPOINT to find its model "
+                         f"({path!r} is not a file)")
+    with _status(quiet, f"finding the model of {Path(path).name}"):
+        found = find(path, top=3, verify=1, key=key, unsafe_pickle=unsafe_pickle)
+    best = found.best
+    if best is None:
+        raise UsageError(f"{path}: no timm architecture resembles it; name the model: keydiff MODEL {path}")
+    _console(quiet).print(describe_choice(found), style="cyan", markup=False)
+    return best.name, Path(path), best.model_args()
+
+
 def _prove(d: Diff, source: str, source_args: dict[str, Any], model: str, model_args: dict[str, Any],
            shape: tuple[int, ...] | None, tolerance: float, quiet: bool) -> Proof:
     """Build both models on the CPU and run them (``keydiff verify``'s code), repairing the mapping by running."""
@@ -418,6 +443,43 @@ def _prove(d: Diff, source: str, source_args: dict[str, Any], model: str, model_
     with _status(quiet, f"building {source} and {model}, running both"):
         return prove(d, build_source(source, source_args), build_source(model, model_args), input_shape=shape,
                      tolerance=tolerance, source_name=source)
+
+
+@app.command("find", short_help="Which timm architecture CHECKPOINT is, with the create_model arguments its shapes "
+                                 "imply, ranked.")
+def find_command(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
+        help="Checkpoint: .safetensors, sharded index/dir, .pth/.pt/.bin/.ckpt.")],
+    json_path: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--json", help="Write the candidates as JSON.")] = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="How many candidates to list.")] = 5,
+    verify: Annotated[int, typer.Option(
+        "--verify", min=0, help="Build this many of the best candidates with their arguments (meta device) and "
+                                "check their keys and shapes; 0 trusts the index.")] = 1,
+    key: ContainerKey = None,
+    unsafe_pickle: UnsafePickle = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> int:
+    """Which timm architecture CHECKPOINT is: ranked candidates with the create_model arguments its shapes imply,
+    how completely each fits, and the command that converts it.
+
+    Exit codes: 0 the best candidate fits completely; 1 none does (the closest are listed); 2 bad input.
+    """
+    from keydiff._find import find
+
+    _warn_unsafe(unsafe_pickle)
+    inputs = [str(checkpoint)]
+    if json_path is not None:
+        _check_output(json_path, inputs, "candidates")
+    with _status(quiet, f"finding the model of {checkpoint.name}"):
+        found = find(checkpoint, top=top, verify=verify, key=key, unsafe_pickle=unsafe_pickle)
+    console = _console(quiet)
+    console.print(found)
+    if json_path is not None:
+        _write_text(json_path, found.dumps(), inputs, "candidates")
+        console.print(f"candidates written to {json_path}")
+    return 0 if found.best is not None and found.best.fits else 1
 
 
 @app.command("apply", short_help="Apply a saved mapping (--json) to a checkpoint and write the converted "
@@ -536,7 +598,7 @@ def stats_command(
     return 1 if bool(((frame["nan"] > 0) | (frame["inf"] > 0)).any()) else 0
 
 
-_COMMANDS = {"diff", "apply", "verify", "stats"}
+_COMMANDS = {"diff", "find", "apply", "verify", "stats"}
 _ROOT_OPTIONS = {"--version", "-V", "-h", "--help", "--install-completion", "--show-completion"}
 
 

@@ -59,6 +59,9 @@ LAYERS = [
     "keydiff._values",
     # proving a mapping by running both models (runs the engine's values)
     "keydiff._repair",
+    # which model a checkpoint is: the timm index, then the search (runs the engine)
+    "keydiff._index",
+    "keydiff._find",
     # presenters: imported by the values above only inside their presenting methods
     "keydiff._render",
     "keydiff._render._keytext",
@@ -71,6 +74,7 @@ LAYERS = [
     "keydiff._render._rich",
     "keydiff._render._frame",
     "keydiff._render._values",
+    "keydiff._render._find",
     # entry points
     "keydiff.cli",
     "keydiff",
