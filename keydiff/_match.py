@@ -982,9 +982,10 @@ def _index_order(pairings: list[Pairing]) -> list[Pairing]:
 
     Between two repeated containers (``up.{i}`` and ``up_blocks.{j}``) the pairings say which index becomes which.
     Libraries number alike, shift by one, flatten stages into one run or number a decoder's levels backwards:
-    every such correspondence keeps or reverses the order of the indices. One that does neither (0 -> 2, 1 -> 0,
-    2 -> 1) is position pairing gone astray among same-shaped repeats, and the pairings that only position or
-    shape carried are not applied.
+    every such correspondence keeps or reverses the order of the indices, and a side numbered by one index only
+    sends each of its blocks to one block. One that does neither (0 -> 2, 1 -> 0, 2 -> 1; block 0's norms into
+    blocks 0 and 1 of the other side) is position pairing gone astray among same-shaped repeats, and the pairings
+    that only position or shape carried are not applied.
     """
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for n, p in enumerate(pairings):
@@ -997,7 +998,13 @@ def _index_order(pairings: list[Pairing]) -> list[Pairing]:
             continue
         rising = all(b <= d for (a, b), (c, d) in _ordered_pairs(pairs))
         falling = all(b >= d for (a, b), (c, d) in _ordered_pairs(pairs))
-        if not rising and not falling:
+        # a side numbered by one index only (blocks.{i}) holds whole blocks: each of its blocks goes to one block of
+        # the other side (stages flattened into one run map many to one, never one block into two)
+        single_source = all(len(pairings[n].source.indices) == 1 for n in members)
+        single_target = all(len(pairings[n].target.indices) == 1 for n in members)
+        split = single_source and len({a for a, _ in pairs}) < len(pairs)
+        merged = single_target and len({b for _, b in pairs}) < len(pairs)
+        if not (rising or falling) or split or merged:
             flagged.update(n for n in members if not _named(pairings[n]))
     out = list(pairings)
     for n in flagged:

@@ -46,8 +46,6 @@ FAILS_SILENT = {k: v for k, v in FAILS_E2E.items() if "exits 0" in v}
 # precision: every applied entry (complete mapping or not) equals the reference tensor
 FAILS_ENTRIES = {
     "nemo_megatron_gpt_to_hf_gpt2": INTERLEAVE + " (transposed, not reordered)",
-    "whisper_2_decoder_layers_as_3": "norm roles: with the decoder unaligned, encoder block 0's attn_ln is applied to "
-                                     "final_layer_norm by order",
 }
 
 
