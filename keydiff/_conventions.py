@@ -188,6 +188,8 @@ def weight_norm_part(key: str) -> tuple[str, str, str, str] | None:
         >>> weight_norm_part("conv.weight_g"), weight_norm_part("conv.parametrizations.weight.original1")
         (('conv', 'weight', 'g', 'legacy'), ('conv', 'weight', 'v', 'parametrizations'))
     """
+    if not key.endswith(("_g", "_v", "original0", "original1")):
+        return None  # most keys: no pattern to try (100,000 of them in a large checkpoint)
     m = _PARAM_PART.fullmatch(key)
     if m:
         return m.group(1) or "", m.group(2), "gv"[int(m.group(3))], "parametrizations"

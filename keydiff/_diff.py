@@ -697,11 +697,11 @@ def _one_tower(found: tuple[list[Entry], list[str]], checkpoint: KeySet, model: 
 
 def _branch_depth(keys: list[str]) -> int:
     """How many leading tokens every key shares (``vision_encoder.`` of a wrapped model): where the keys branch."""
-    split = [k.split(".") for k in keys]
-    depth = 0
-    while split and all(len(t) > depth + 1 for t in split) and len({t[depth] for t in split}) == 1:
-        depth += 1
-    return depth
+    if not keys:
+        return 0
+    shared = os.path.commonprefix(keys).rpartition(".")[0]  # noqa: RUF071 (by character, then cut to whole tokens)
+    tokens = shared.count(".") + 1 if shared else 0
+    return min(tokens, min(k.count(".") for k in keys))
 
 
 def _other_towers(mapping: KeyMap, tower: str, to_model: Mapping[str, str]) -> KeyMap:
@@ -795,6 +795,8 @@ def _orphan_subtrees(entries: list[Entry], checkpoint: KeySet, to_model: Mapping
     Subtrees are the children where the checkpoint's keys branch (below wrappers every key shares); one with
     fewer than four tensors is a part, not a subtree.
     """
+    if all(e.evidence.method in ("exact", "prefix") or e.evidence.name_score >= 0.75 for e in entries):
+        return entries  # names carry every entry: no coincidence to find
     sides = _branches(list(checkpoint))
     sizes = {name: len(keys) for name, keys in sides.items() if name and len(keys) >= 4}
     if len(sizes) < 2:
