@@ -14,6 +14,7 @@ index order, or a split into those parts, only when all of this holds:
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
@@ -41,13 +42,29 @@ def same_stem(a: str, b: str) -> bool:
     return len(short) >= _MIN_STEM and long.startswith(short)
 
 
+_PIECE = re.compile(r"^(.+)\.\d+\.([^.\n]+)$", re.MULTILINE)
+"""A key ``H.{i}.L``: its parent ``H`` and its leaf ``L``."""
+
+
+class _Shapes(dict):
+    """The shapes of one side's keys, each looked up when first asked (most keys never are)."""
+
+    def __init__(self, side: KeySet) -> None:
+        super().__init__()
+        self.side = side
+
+    def __missing__(self, key: str) -> tuple[int, ...]:
+        shape = self[key] = self.side[key].shape
+        return shape
+
+
 def _pieces(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> dict[tuple[str, str], list[str]]:
     """``(H, L) -> keys`` for keys ``H.{i}.L`` (one leaf token after the index), each list in index order."""
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for k in keys:
-        head, _, leaf = k.rpartition(".")
-        parent, _, index = head.rpartition(".")
-        if index.isdigit() and parent and shapes[k]:
+    # only keys whose last token but one is an index: found by one C-speed search over the keys' text
+    for m in _PIECE.finditer("\n".join(keys)):
+        k, parent, leaf = m.group(0), m.group(1), m.group(2)
+        if shapes[k]:
             groups[parent, leaf].append(k)
     return {g: sorted(ks, key=natural_key) for g, ks in groups.items()}
 
@@ -87,16 +104,17 @@ def gather_pieces(model: KeySet, checkpoint: KeySet, src_rest: Sequence[str], ds
     Returns:
         The new entries and a note for each gathered group.
     """
-    shapes = {**{k: checkpoint[k].shape for k in src_rest}, **{k: model[k].shape for k in dst_rest}}
+    src_shapes, dst_shapes = _Shapes(checkpoint), _Shapes(model)
     out: list[Entry] = []
     notes: list[str] = []
-    for pieces_side, wholes, concat in ((src_rest, dst_rest, True), (dst_rest, src_rest, False)):
+    for pieces_side, wholes, concat, shapes, whole_shapes in ((src_rest, dst_rest, True, src_shapes, dst_shapes),
+                                                              (dst_rest, src_rest, False, dst_shapes, src_shapes)):
         for (head, leaf), keys in _pieces(pieces_side, shapes).items():
             sizes = _complete(keys, shapes)
             if sizes is None:
                 continue
             want = (sum(sizes), *shapes[keys[0]][1:])
-            fits = [w for w in wholes if w.endswith("." + leaf) and shapes[w] == want
+            fits = [w for w in wholes if w.endswith("." + leaf) and whole_shapes[w] == want
                     and same_stem(head.rpartition(".")[2], _parent(w).rpartition(".")[2])
                     and _parents_agree(_parent(head), _parent(_parent(w)))]
             if len(fits) != 1:
