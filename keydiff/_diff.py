@@ -25,7 +25,7 @@ from keydiff._fold import (
     can_pair,
     expand_entries,
     fold_keys,
-    recount_labels,
+    fold_labels,
 )
 from keydiff._keys import KeySet, natural_key
 from keydiff._layouts import layout_conventions
@@ -614,16 +614,17 @@ def _match_folded(checkpoint: KeySet, model: KeySet, src_rest: list[str], dst_re
         return None
     if {to_model[s] for e in folded for s in e.source} != src.fold_of.keys():
         return None
-    expanded = expand_entries(entries, src, dst, to_model, to_raw)
+    labels = None
+    if aligned is not None:
+        used = {to_model[k] for e in entries for k in e.source}
+        filled = {e.target for e in entries}
+        labels = fold_labels(entries, src, dst, to_model, (k for k in src.keys if k not in used),
+                             (k for k in dst.keys if k not in filled))
+    expanded = expand_entries(entries, src, dst, to_model, to_raw, labels)
     if expanded is None:
         return None
     if len({e.target for e in expanded}) != len(expanded):
         return None
-    if aligned is not None:
-        used = {to_model[k] for e in expanded for k in e.source}
-        filled = {e.target for e in expanded}
-        expanded = recount_labels(expanded, to_model, (k for k in src.keys if k not in used),
-                                  (k for k in dst.keys if k not in filled))
     return expanded, notes
 
 

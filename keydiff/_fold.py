@@ -21,12 +21,12 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from keydiff._keys import KeySet, TensorInfo, format_indices
-from keydiff._mapping import Entry
+from keydiff._mapping import Entry, Evidence
 from keydiff._patterns import fill_template, remember_templates, template_of
 
 __all__ = [
     "FOLD_MIN_KEYS", "FOLD_MIN_SHARE", "Fold", "Folding", "align_folds", "can_pair", "expand_entries", "fold_keys",
-    "recount_labels",
+    "fold_labels",
 ]
 
 FOLD_MIN_KEYS = 10_000
@@ -263,7 +263,8 @@ def _refold(folding: Folding, reps: dict[int, list[str]], keep: dict[int, set[in
 
 
 def expand_entries(entries: Sequence[Entry], source: Folding, target: Folding,
-                   to_model: Mapping[str, str], to_raw: Mapping[str, str]) -> list[Entry] | None:
+                   to_model: Mapping[str, str], to_raw: Mapping[str, str],
+                   labels: Mapping[str, tuple[str, str]] | None = None) -> list[Entry] | None:
     """Repeat each entry of a representative child over its fold; None when the folds do not pair one to one.
 
     ``to_model``/``to_raw`` translate between the checkpoint's stored keys (entries' sources) and the normalised
@@ -271,7 +272,7 @@ def expand_entries(entries: Sequence[Entry], source: Folding, target: Folding,
     """
     pair_of: dict[int, Fold] = {}  # id(source fold) -> target fold
     back: dict[int, int] = {}  # id(target fold) -> id(source fold)
-    expand = _Expander(to_model, to_raw)
+    expand = _Expander(to_model, to_raw, labels or {})
     out: list[Entry] = []
     for e in entries:
         t_fold = target.fold_of.get(e.target)
@@ -279,7 +280,8 @@ def expand_entries(entries: Sequence[Entry], source: Folding, target: Folding,
         if t_fold is not None and not s_folds:
             return None  # a tensor made from nothing (zeros) in a fold: the full engine decides
         if t_fold is None and not any(s_folds):
-            out.append(e)
+            out.append(replace(e, evidence=_relabelled(e.evidence, labels)) if labels and e.evidence.cluster in labels
+                       else e)
             continue
         if t_fold is None or not all(s_folds):
             return None  # a repeated tensor mapped from or to a single one
@@ -294,29 +296,38 @@ def expand_entries(entries: Sequence[Entry], source: Folding, target: Folding,
     return out
 
 
-def recount_labels(entries: list[Entry], to_model: Mapping[str, str], left: Iterable[str] = (),
-                   right: Iterable[str] = ()) -> list[Entry]:
-    """Cluster labels (and the note on differing index sets) written anew from the expanded entries: after
-    ``align_folds`` a cluster holds a fold's representative and children shown in full (``experts.{0,256}``), so
-    widening the representative's index (``_relabel``) would not give its true index sets and member counts.
+def fold_labels(entries: Sequence[Entry], source: Folding, target: Folding, to_model: Mapping[str, str],
+                left: Iterable[str] = (), right: Iterable[str] = ()) -> dict[str, tuple[str, str]]:
+    """Cluster labels (and the note on differing index sets) for the entries of a folded run, as they will read
+    once expanded: after ``align_folds`` a cluster holds a fold's representative and children shown in full
+    (``experts.{0,256}``), so widening the representative's index (``_relabel``) would not give its true index sets
+    and member counts. The members are counted from the folds' index values, without expanding anything.
 
     ``left``/``right`` are the keys of each side that no entry takes (normalised checkpoint keys, model keys): a
     cluster's members include them (the hole is part of the cluster's index set). A label whose sides do not each
-    come down to one template (a fused unit) keeps the widened form.
+    come down to one template (a fused unit) is left out: it keeps the widened form.
+
+    Returns:
+        Old label -> (new label, new note for an entry whose note was about differing index sets).
     """
     members: dict[str, tuple[set, set]] = {}
     for e in entries:
-        if e.evidence.cluster:
-            src, dst = members.setdefault(e.evidence.cluster, (set(), set()))
-            src.add(_unit_of(to_model.get(e.source[0], e.source[0])) if e.source else None)
-            dst.add(_unit_of(e.target))
+        if not e.evidence.cluster:
+            continue
+        src, dst = members.setdefault(e.evidence.cluster, (set(), set()))
+        if len(e.source) != 1:
+            src.add(None)
+            continue
+        key = to_model.get(e.source[0], e.source[0])
+        _spread(src, key, source.fold_of.get(key))
+        _spread(dst, e.target, target.fold_of.get(e.target))
     if not members:
-        return entries
+        return {}
     by_template: tuple[dict[str, list], dict[str, list]] = ({}, {})
     for side, keys in zip(by_template, (left, right), strict=True):
         for key in keys:
-            template, indices = _unit_of(key)
-            side.setdefault(template, []).append((template, indices))
+            unit = _unit_of(key)
+            side.setdefault(unit[0], []).append(unit)
     labels: dict[str, tuple[str, str]] = {}
     for label, (src, dst) in members.items():
         if None in src or len({t for t, _ in src}) != 1 or len({t for t, _ in dst}) != 1:
@@ -325,14 +336,23 @@ def recount_labels(entries: list[Entry], to_model: Mapping[str, str], left: Iter
         dst.update(by_template[1].get(next(iter(dst))[0], ()))
         note = f"index sets differ: {len(src)} in the checkpoint, {len(dst)} in the model"
         labels[label] = f"{_fill(src)} -> {_fill(dst)}", note
-    out = []
-    for e in entries:
-        found = labels.get(e.evidence.cluster)
-        if found is not None:
-            note = found[1] if e.evidence.note.startswith("index sets differ:") else e.evidence.note
-            e = replace(e, evidence=replace(e.evidence, cluster=found[0], note=note))
-        out.append(e)
-    return out
+    return labels
+
+
+def _spread(units: set, key: str, fold: Fold | None) -> None:
+    """Add ``key``'s unit, and when it is a fold's representative, its copies in the fold's other children."""
+    template, indices = _unit_of(key)
+    if fold is None:
+        units.add((template, indices))
+        return
+    before, after = indices[: fold.slot], indices[fold.slot + 1:]
+    units.update((template, (*before, v, *after)) for v in fold.values)
+
+
+def _relabelled(evidence: Evidence, labels: Mapping[str, tuple[str, str]]) -> Evidence:
+    label, note = labels[evidence.cluster]
+    return replace(evidence, cluster=label,
+                   note=note if evidence.note.startswith("index sets differ:") else evidence.note)
 
 
 def _unit_of(key: str) -> tuple[str, tuple[int, ...]]:
@@ -349,13 +369,16 @@ def _fill(units: set[tuple[str, tuple[int, ...]]]) -> str:
 class _Expander:
     """Repeats one entry over its folds (keys, templates and the cluster label)."""
 
-    def __init__(self, to_model: Mapping[str, str], to_raw: Mapping[str, str]) -> None:
-        self.to_model, self.to_raw = to_model, to_raw
+    def __init__(self, to_model: Mapping[str, str], to_raw: Mapping[str, str],
+                 given: Mapping[str, tuple[str, str]]) -> None:
+        self.to_model, self.to_raw, self.given = to_model, to_raw, given
         self.labels: dict[tuple[str, int, int], str] = {}
 
     def __call__(self, e: Entry, s_folds: list[Fold], t_fold: Fold) -> Iterable[Entry]:
         evidence = e.evidence
-        if evidence.cluster:
+        if evidence.cluster in self.given:
+            evidence = _relabelled(evidence, self.given)  # counted ahead (fold_labels): shared by every copy
+        elif evidence.cluster:
             cache = (evidence.cluster, id(s_folds[0]), id(t_fold))
             if cache not in self.labels:
                 self.labels[cache] = _relabel(evidence.cluster, s_folds[0], t_fold)
