@@ -42,8 +42,8 @@ def same_stem(a: str, b: str) -> bool:
     return len(short) >= _MIN_STEM and long.startswith(short)
 
 
-_PIECE = re.compile(r"^(.+)\.\d+\.([^.\n]+)$", re.MULTILINE)
-"""A key ``H.{i}.L``: its parent ``H`` and its leaf ``L``."""
+_PIECE = re.compile(r"\.\d+\.([^.\n]+)$", re.MULTILINE)
+"""The end of a key ``H.{i}.L``: its index and its leaf ``L`` (``H`` is the rest of its line)."""
 
 
 class _Shapes(dict):
@@ -62,9 +62,11 @@ def _pieces(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> dict[
     """``(H, L) -> keys`` for keys ``H.{i}.L`` (one leaf token after the index), each list in index order."""
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     # only keys whose last token but one is an index: found by one C-speed search over the keys' text
-    for m in _PIECE.finditer("\n".join(keys)):
-        k, parent, leaf = m.group(0), m.group(1), m.group(2)
-        if shapes[k]:
+    text = "\n".join(keys)
+    for m in _PIECE.finditer(text):
+        start = text.rfind("\n", 0, m.start()) + 1
+        k, parent, leaf = text[start:m.end()], text[start:m.start()], m.group(1)
+        if parent and shapes[k]:
             groups[parent, leaf].append(k)
     return {g: sorted(ks, key=natural_key) for g, ks in groups.items()}
 
