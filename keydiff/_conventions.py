@@ -16,6 +16,7 @@ __all__ = [
     "FUSIONS",
     "LEAVES",
     "NOISE",
+    "PER_HEAD_FUSED",
     "ROTARY_VOCABULARIES",
     "canonical_token",
     "split_leaf",
@@ -119,6 +120,12 @@ FUSIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 # interleaved pairs (complex multiplication); so do the codebases that kept its names (its Mistral reference, the
 # training and inference rewrites that load its files). transformers' names fix nothing: most of its models with
 # ``q_proj``/``gate_proj``/``input_layernorm`` rotate halves, and some of them interleaved pairs.
+# Fused attention projections whose rows are grouped per head (``[heads, 3, head_dim]``: each head's q, k and v
+# together), as Megatron-LM and the codebases that kept its layout store ``query_key_value``; most others stack
+# q, k and v whole (``[3, heads, head_dim]``: ``qkv``, ``c_attn``, ``in_proj``). Renaming one into the other
+# without reordering the rows loads and computes something else.
+PER_HEAD_FUSED = frozenset({"query_key_value"})
+
 ROTARY_VOCABULARIES: tuple[tuple[str, frozenset[str], str], ...] = (
     ("Meta's reference names: attention.wq, feed_forward.w1, attention_norm...",
      frozenset({"attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",

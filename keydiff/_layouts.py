@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from keydiff._conventions import ROTARY_VOCABULARIES, canonical_token
+from keydiff._conventions import PER_HEAD_FUSED, ROTARY_VOCABULARIES, canonical_token
 from keydiff._keys import KeySet, Layout, owner_of
 from keydiff._mapping import Entry
 from keydiff._ops import Op
@@ -376,7 +376,40 @@ def layout_conventions(entries: list[Entry], model: KeySet, checkpoint: KeySet,
     """
     entries = weight_family(entries, model, checkpoint, to_model)
     entries = rotary_pairing(entries, model, checkpoint, to_model)
+    entries = per_head_fusion(entries, to_model)
     return parallel_by_order(entries, model)
+
+
+def per_head_fusion(entries: list[Entry], to_model: Mapping[str, str]) -> list[Entry]:
+    """A fused q/k/v grouped per head (``PER_HEAD_FUSED``) into one stacked whole, or back, is unproven: the rows
+    need reordering per head, with a head count and an order the names do not give (no op does it yet).
+
+    Example:
+        >>> from keydiff._mapping import Entry, Evidence
+        >>> e = Entry(source=("h.0.attention.query_key_value.weight",), target="h.0.attn.c_attn.weight",
+        ...           op=Op(kind="transpose"), confidence=0.9, evidence=Evidence(method="cluster"),
+        ...           source_shapes=((96, 32),), target_shape=(32, 96))
+        >>> per_head_fusion([e], {})[0].confidence
+        0.4
+    """
+    out = []
+    for e in entries:
+        if len(e.source) == 1:
+            mine = _module_name(to_model.get(e.source[0], e.source[0])) in PER_HEAD_FUSED
+            theirs = _module_name(e.target) in PER_HEAD_FUSED
+            if mine != theirs:
+                note = ("unproven: one side fuses q/k/v per head ([heads, 3, head_dim], as `query_key_value` is "
+                        "stored), the other stacks them whole: each head's rows would need reordering, which the "
+                        "names do not pin down")
+                e = replace(e, confidence=min(e.confidence, UNPROVEN_CONFIDENCE),
+                            evidence=replace(e.evidence, note=note))
+        out.append(e)
+    return out
+
+
+def _module_name(key: str) -> str:
+    """The name of the module a key's tensor belongs to (``query_key_value`` for ``...query_key_value.bias``)."""
+    return owner_of(key).rpartition(".")[2]
 
 
 NAMES_DECIDE = 0.75
