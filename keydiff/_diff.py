@@ -30,7 +30,7 @@ from keydiff._fold import (
 from keydiff._keys import KeySet, natural_key
 from keydiff._layouts import layout_conventions
 from keydiff._mapping import Entry, Evidence, KeyMap, Leftover, Unwrap, compress_rules
-from keydiff._match import Pairing, match_units, name_similarity, shape_relation
+from keydiff._match import STRONG_NAME, Pairing, match_units, name_similarity, shape_relation
 from keydiff._model import keyset_of, read_model
 from keydiff._normalize import Prefix, find_prefix
 from keydiff._ops import Op
@@ -549,11 +549,12 @@ def _subtrees(src: list[str], dst: list[str]) -> list[tuple[list[str], list[str]
     return [*parts, rest] if any(rest) else parts
 
 
-def _branches(keys: list[str]) -> dict[str, list[str]]:
-    """A side's keys by the child they fall under where the keys first branch; only deep, named children count
-    (a bare index is a repeat, not a subtree; a child holding no key ``SUBTREE_DEPTH`` tokens down is a part)."""
+def _branches(keys: list[str], depth: int | None = None) -> dict[str, list[str]]:
+    """A side's keys by the child they fall under where the keys first branch (``depth``: ``_branch_depth``, worked
+    out when not given); only deep, named children count (a bare index is a repeat, not a subtree; a child holding
+    no key ``SUBTREE_DEPTH`` tokens down is a part)."""
     split = [k.split(".") for k in keys]
-    depth = _branch_depth(keys)
+    depth = _branch_depth(keys) if depth is None else depth
     out: dict[str, list[str]] = {}
     deep: set[str] = set()
     for key, tokens in zip(keys, split, strict=True):
@@ -685,11 +686,10 @@ def _one_tower(found: tuple[list[Entry], list[str]], checkpoint: KeySet, model: 
     if filled(again[0]) < filled(entries):
         # the open match fills more from outside the tower: a stem or head beside the blocks is the model's own;
         # tensors of another deep subtree that fit by position or shape only (a VAE's norms in a UNet) are not
-        weak = (f"unproven: from outside `{tower}.`, the tower this model is, and paired by position or shape only"
-                )
+        weak = f"unproven: from outside `{tower}.`, the tower this model is, and paired by position or shape only"
         towers = {_top(k) for k in src_rest if k.count(".") >= SUBTREE_DEPTH}  # deep subtrees, not a stem's conv
         kept = [e if not e.source or not any(_top(to_model[k]) in towers - {tower} for k in e.source)
-                or e.evidence.method in ("exact", "prefix") or e.evidence.name_score >= 0.75
+                or _named_entry(e)
                 else replace(e, confidence=min(e.confidence, 0.35), evidence=replace(e.evidence, note=weak))
                 for e in entries]
         return (kept, found[1]), ""
@@ -783,6 +783,11 @@ def _unstack_entries(p: Pairing, i: int, sl: Any, to_raw: Mapping[str, str], ev:
     return out
 
 
+def _named_entry(e: Entry) -> bool:
+    """Whether names carry an entry: the same name, or canonical names scoring ``STRONG_NAME`` or more."""
+    return e.evidence.method in ("exact", "prefix") or e.evidence.name_score >= STRONG_NAME
+
+
 ORPHAN_SHARE = 0.25
 """A checkpoint subtree of which less than this share finds a place, by weak evidence only, has no counterpart."""
 
@@ -796,13 +801,14 @@ def _orphan_subtrees(entries: list[Entry], checkpoint: KeySet, to_model: Mapping
     Subtrees are the children where the checkpoint's keys branch (below wrappers every key shares); one with
     fewer than four tensors is a part, not a subtree.
     """
-    if all(e.evidence.method in ("exact", "prefix") or e.evidence.name_score >= 0.75 for e in entries):
+    if all(_named_entry(e) for e in entries):
         return entries  # names carry every entry: no coincidence to find
-    sides = _branches(list(checkpoint))
-    sizes = {name: len(keys) for name, keys in sides.items() if name and len(keys) >= 4}
+    keys = list(checkpoint)
+    depth = _branch_depth(keys)
+    sizes = {name: len(ks) for name, ks in _branches(keys, depth).items() if name and len(ks) >= 4}
     if len(sizes) < 2:
         return entries
-    depth = _branch_depth(list(checkpoint))
+
     def subtree(raw: str) -> str:
         tokens = to_model.get(raw, raw).split(".")
         return tokens[depth] if len(tokens) > depth + 1 else ""
@@ -817,8 +823,7 @@ def _orphan_subtrees(entries: list[Entry], checkpoint: KeySet, to_model: Mapping
         tensors = {k for n in ns for k in entries[n].source if subtree(k) == name}
         if len(tensors) >= ORPHAN_SHARE * sizes[name]:
             continue
-        if any(entries[n].evidence.method in ("exact", "prefix") or entries[n].evidence.name_score >= 0.75
-               for n in ns):
+        if any(_named_entry(entries[n]) for n in ns):
             continue
         note = (f"unproven: `{name}` has no counterpart in the model ({len(tensors)} of its {sizes[name]} tensors "
                 "found a place, by position or shape only): a part the model lacks feeds nothing")
